@@ -1,0 +1,122 @@
+"""The one pixel pipeline shared by every dataset.
+
+decode (by the reader) -> one affine warp (scale, rotation, translation and flip folded into a
+single 2x3 matrix) -> colour jitter -> normalisation. Keypoints go through the same matrix, so
+they land exactly where their pixels land: cv2.warpAffine samples dst(p) = src(M^-1 p) with pixel
+centres at integer coordinates, and a point p of the source lands at M p.
+
+Box convention (HRNet / SimpleBaselines): a record's ``center`` (2,) and ``scale`` (2,) give a
+person box of ``scale * 200`` pixels; its width is mapped onto the input width.
+"""
+import cv2
+import numpy as np
+import torch
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # ImageNet RGB, as the ResNet backbones expect
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def affine_matrix(center, box_width, input_size, rotation=0.0, flip=False, shift=(0.0, 0.0)):
+    """2x3 matrix from original-image pixels to input-crop pixels.
+
+    center: (2,) box centre in the original image; box_width: source pixels mapped onto the
+    input width; input_size: (W, H); rotation: degrees, counter-clockwise in the image;
+    flip: mirror the crop about its vertical centre line; shift: (2,) source pixels added to
+    the centre (translation augmentation).
+    """
+    w, h = input_size
+    zoom = w / float(box_width)
+    a = np.deg2rad(rotation)
+    cos, sin = np.cos(a) * zoom, np.sin(a) * zoom
+    cx, cy = float(center[0]) + shift[0], float(center[1]) + shift[1]
+    # x' = R*zoom*(x - c) + (w/2, h/2); image y points down, so a positive angle turns
+    # the content counter-clockwise on screen.
+    m = np.array([[cos, sin, 0.0], [-sin, cos, 0.0]], np.float64)
+    m[:, 2] = np.array([w / 2.0, h / 2.0]) - m[:, :2] @ np.array([cx, cy])
+    if flip:
+        m = np.array([[-1.0, 0.0, w], [0.0, 1.0, 0.0]]) @ np.vstack([m, [0, 0, 1]])
+    return m
+
+
+def invert_affine(m):
+    """Inverse of a 2x3 affine matrix."""
+    full = np.vstack([np.asarray(m, np.float64), [0, 0, 1]])
+    return np.linalg.inv(full)[:2]
+
+
+def transform_points(points, m):
+    """points (..., 2) -> M applied, same shape."""
+    p = np.asarray(points, np.float64)
+    return p @ np.asarray(m, np.float64)[:, :2].T + np.asarray(m, np.float64)[:, 2]
+
+
+def to_original(coords, affines):
+    """Crop coordinates (N, K, 2) and their affines (N, 2, 3) -> original-image pixels (N, K, 2)."""
+    return np.stack([transform_points(c, invert_affine(m)) for c, m in zip(coords, affines)]).astype(np.float32)
+
+
+def normalize(image):
+    """uint8 or float RGB (H, W, 3) -> float32 tensor (3, H, W) with ImageNet mean/std."""
+    x = (np.asarray(image, np.float32) / 255.0 - MEAN) / STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def denormalize(tensor):
+    """Inverse of ``normalize``: (3, H, W) tensor -> uint8 RGB (H, W, 3)."""
+    x = tensor.detach().cpu().numpy().transpose(1, 2, 0) * STD + MEAN
+    return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+class Pipeline:
+    """Record + decoded image -> (image tensor, keypoints in the crop, visibility, affine).
+
+    Training draws, per sample, a scale factor ``clip(1 + N(0, max_scale), 1 -/+ max_scale)``,
+    a rotation ``clip(N(0, max_rotate), +/- 2 max_rotate)`` with probability ``rotate_prob``, a
+    centre shift uniform in ``+/- max_translate`` box widths, a horizontal flip with probability
+    1/2 (joints swapped with ``flip_perm``) and a per-channel colour gain in ``1 +/- color_jitter``.
+    Evaluation uses none of them.
+    """
+
+    def __init__(self, input_size, flip_perm, train=False, max_scale=0.25, max_rotate=30.0,
+                 max_translate=0.0, flip=True, color_jitter=0.2, rotate_prob=0.6):
+        self.input_size = (int(input_size), int(input_size)) if np.isscalar(input_size) else tuple(input_size)
+        self.flip_perm = np.asarray(flip_perm)
+        self.train = train
+        self.max_scale = max_scale
+        self.max_rotate = max_rotate
+        self.max_translate = max_translate
+        self.flip = flip
+        self.color_jitter = color_jitter
+        self.rotate_prob = rotate_prob
+
+    def sample_params(self, rng):
+        if not self.train:
+            return dict(scale=1.0, rotation=0.0, shift=(0.0, 0.0), flip=False, gain=None)
+        s = float(np.clip(1.0 + rng.normal() * self.max_scale, 1.0 - self.max_scale, 1.0 + self.max_scale))
+        r = 0.0
+        if self.max_rotate > 0 and rng.random() < self.rotate_prob:
+            r = float(np.clip(rng.normal() * self.max_rotate, -2 * self.max_rotate, 2 * self.max_rotate))
+        t = tuple(rng.uniform(-self.max_translate, self.max_translate, 2)) if self.max_translate > 0 else (0.0, 0.0)
+        f = bool(self.flip and rng.random() < 0.5)
+        g = rng.uniform(1 - self.color_jitter, 1 + self.color_jitter, 3).astype(np.float32) if self.color_jitter > 0 else None
+        return dict(scale=s, rotation=r, shift=t, flip=f, gain=g)
+
+    def __call__(self, image, record, rng=None):
+        """image: uint8 RGB (H, W, 3); record: dict with center, scale, joints (K, 2), visible (K,).
+
+        Returns dict(image=(3, h, w) float32 tensor, joints=(K, 2) crop pixels, visible=(K,),
+        affine=(2, 3) original -> crop).
+        """
+        p = self.sample_params(rng if rng is not None else np.random.default_rng())
+        box_w = float(np.asarray(record['scale']).reshape(-1)[0]) * 200.0 * p['scale']
+        shift = (p['shift'][0] * box_w, p['shift'][1] * box_w)
+        m = affine_matrix(record['center'], box_w, self.input_size, p['rotation'], p['flip'], shift)
+        crop = cv2.warpAffine(image, m, self.input_size, flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+        if p['gain'] is not None:
+            crop = np.clip(crop.astype(np.float32) * p['gain'], 0, 255)
+        joints = transform_points(record['joints'], m).astype(np.float32)
+        visible = np.asarray(record['visible'], np.float32).copy()
+        if p['flip']:
+            joints, visible = joints[self.flip_perm], visible[self.flip_perm]
+        return dict(image=normalize(crop), joints=joints, visible=visible, affine=m.astype(np.float32))
