@@ -1,0 +1,136 @@
+"""End to end through main.py on tiny synthetic runs: artefacts, resume equivalence, -test,
+-summary, checkpoint errors, NaN guard, atomic checkpoints."""
+import json
+import os
+
+import pytest
+import torch
+
+import main as main_module
+import opts as options
+from datasets.codecs import HeatmapCodec
+from utils import trainer as trainer_module
+
+TINY = ['--dataset', 'Synthetic', '--nTrainSamples', '24', '--nValSamples', '8', '--syntheticRes', '64',
+        '--inputRes', '32', '--outputRes', '8', '--hmGauss', '1', '--model', 'StackedHourGlass',
+        '--nStack', '2', '--nChannels', '8', '--nReductions', '1', '--data_loader_size', '8',
+        '--nThreads', '0', '--progress', 'false', '--visCount', '2', '--LR', '1e-3']
+
+
+def run(tmp_path, exp_id, *extra):
+    return main_module.main(TINY + ['--expDir', str(tmp_path), '--expID', exp_id, *extra])
+
+
+def test_training_run_leaves_its_artefacts(tmp_path):
+    result = run(tmp_path, 'a', '--nEpochs', '1')
+    d = tmp_path / 'a'
+    for name in ('config.defconf', 'log.txt', 'metrics.json', 'model_last.pth', 'model_best.pth', 'vis.png'):
+        assert (d / name).is_file(), name
+    history = json.loads((d / 'metrics.json').read_text())
+    assert history[0]['epoch'] == 1 and 'Mean' in history[0]['val']
+    assert history[0]['val_headline'] == pytest.approx(result['headline'])
+    assert result['preds'].shape == (8, 16, 2)
+    # the resolved config reproduces every option on its own
+    again = options.parse(['-DataConfig', str(d / 'config.defconf')])
+    first = options.parse(TINY + ['--expDir', str(tmp_path), '--expID', 'a', '--nEpochs', '1'])
+    skip = {'DataConfig', 'ModelConfig'}
+    assert {k: v for k, v in vars(again).items() if k not in skip} == {k: v for k, v in vars(first).items() if k not in skip}
+
+
+def test_resume_equals_uninterrupted_training(tmp_path):
+    run(tmp_path, 'full', '--nEpochs', '2')
+    run(tmp_path, 'part', '--nEpochs', '1')
+    run(tmp_path, 'resumed', '--nEpochs', '2', '--loadModel', str(tmp_path / 'part' / 'model_last.pth'))
+    full = torch.load(tmp_path / 'full' / 'model_last.pth', weights_only=True)
+    resumed = torch.load(tmp_path / 'resumed' / 'model_last.pth', weights_only=True)
+    assert full['epoch'] == resumed['epoch'] == 2
+    for k, v in full['state_dict'].items():
+        assert torch.equal(v, resumed['state_dict'][k]), k
+    assert full['best'] == resumed['best']
+    # the optimiser's running averages match too
+    a, b = full['optimizer']['state'], resumed['optimizer']['state']
+    assert all(torch.equal(a[i]['square_avg'], b[i]['square_avg']) for i in a)
+
+
+def test_finetune_loads_weights_alone(tmp_path):
+    run(tmp_path, 'base', '--nEpochs', '1')
+    run(tmp_path, 'ft', '--nEpochs', '1', '--loadModel', str(tmp_path / 'base' / 'model_last.pth'), '--finetune')
+    ckpt = torch.load(tmp_path / 'ft' / 'model_last.pth', weights_only=True)
+    assert ckpt['epoch'] == 1  # a new schedule: one epoch trained after loading
+
+
+def test_test_mode_reproduces_recorded_score_and_writes_predictions(tmp_path):
+    run(tmp_path, 'a', '--nEpochs', '1')
+    best = tmp_path / 'a' / 'model_best.pth'
+    recorded = torch.load(best, weights_only=True)['headline']
+    result = run(tmp_path, 't', '-test', '--loadModel', str(best))
+    assert result['headline'] == pytest.approx(recorded, abs=1e-9)
+    saved = json.loads((tmp_path / 't' / 'test_metrics.json').read_text())
+    assert saved['headline'] == pytest.approx(recorded, abs=1e-9)
+    from utils.metrics import load_pred_mat
+    preds = load_pred_mat(str(tmp_path / 't' / 'pred.mat'))
+    assert preds.shape == (8, 16, 2)
+    flipped = run(tmp_path, 'tf', '-test', '--loadModel', str(best), '--flipTest')
+    assert 0 <= flipped['headline'] <= 100
+
+
+def test_checkpoint_of_another_architecture_is_one_line_error(tmp_path):
+    run(tmp_path, 'a', '--nEpochs', '1')
+    ckpt = str(tmp_path / 'a' / 'model_last.pth')
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, 'b', '-test', '--loadModel', ckpt, '--nStack', '3')
+    msg = str(e.value)
+    assert 'nStack 2 vs 3' in msg and ckpt in msg and '\n' not in msg
+    state = torch.load(ckpt, weights_only=True)
+    state['arch']['nJoints'] = 14
+    torch.save(state, tmp_path / 'k14.pth')
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, 'c', '-test', '--loadModel', str(tmp_path / 'k14.pth'))
+    assert 'nJoints 14 vs 16' in str(e.value)
+    (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, 'd', '-test', '--loadModel', str(tmp_path / 'junk.pth'))
+    assert 'not a readable checkpoint' in str(e.value)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    run(tmp_path, 'a', '--nEpochs', '1')
+    last = tmp_path / 'a' / 'model_last.pth'
+    before = last.read_bytes()
+    monkeypatch.setattr(HeatmapCodec, 'loss', lambda self, o, t, w: sum(x.mean() for x in o) * float('nan'))
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, 'a', '--nEpochs', '2', '--loadModel', str(last))
+    assert 'loss is nan at epoch 2' in str(e.value) and str(last) in str(e.value)
+    assert last.read_bytes() == before
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / 'model_last.pth')
+    trainer_module.save_atomic({'x': torch.ones(2)}, path)
+
+    def crash(obj, f):
+        with open(f, 'wb') as fh:
+            fh.write(b'half')
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', crash)
+    with pytest.raises(OSError):
+        trainer_module.save_atomic({'x': torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)['x'], torch.ones(2))
+
+
+def test_summary_prints_exact_parameter_count(capsys):
+    main_module.main(['--nStack', '2', '--nChannels', '16', '--inputRes', '64', '--outputRes', '16', '-summary'])
+    out = capsys.readouterr().out
+    from models import build_model
+    model = build_model(options.parse(['--nStack', '2', '--nChannels', '16']))
+    assert f'parameters: {sum(p.numel() for p in model.parameters())}\n' in out
+    assert 'GFLOPs: ' in out and out.count('output ') == 2 and '(1, 16, 16, 16)' in out
+
+
+def test_joint_count_and_stride_are_checked(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, 'x', '--nJoints', '17', '--nEpochs', '1')
+    assert '--nJoints 17 does not match dataset Synthetic (16 joints)' in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, 'x', '--outputRes', '16', '--nEpochs', '1')
+    assert 'expected outputRes 8' in str(e.value)

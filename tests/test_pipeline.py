@@ -1,0 +1,70 @@
+import cv2
+import numpy as np
+import pytest
+
+from datasets.joints import MPII
+from datasets.pipeline import Pipeline, affine_matrix, denormalize, invert_affine, to_original, transform_points
+
+
+def dot_image(h, w, points):
+    img = np.zeros((h, w, 3), np.uint8)
+    for x, y in points:
+        cv2.circle(img, (int(x), int(y)), 3, (255, 255, 255), -1)
+    return img
+
+
+def centroid(gray, near, radius=8):
+    x0, y0 = int(near[0]) - radius, int(near[1]) - radius
+    patch = gray[max(y0, 0):y0 + 2 * radius + 1, max(x0, 0):x0 + 2 * radius + 1].astype(np.float64)
+    ys, xs = np.mgrid[max(y0, 0):max(y0, 0) + patch.shape[0], max(x0, 0):max(x0, 0) + patch.shape[1]]
+    return np.array([(xs * patch).sum() / patch.sum(), (ys * patch).sum() / patch.sum()])
+
+
+@pytest.mark.parametrize('rotation,flip', [(0, False), (25, False), (-40, True), (0, True)])
+def test_keypoints_land_where_their_pixels_land(rotation, flip):
+    points = np.array([[120, 90], [200, 160], [90, 210]], np.float64)
+    img = dot_image(300, 320, points)
+    m = affine_matrix((160, 150), 260, (128, 128), rotation, flip, shift=(7, -5))
+    crop = cv2.warpAffine(img, m, (128, 128), flags=cv2.INTER_LINEAR)
+    moved = transform_points(points, m)
+    for p in moved:
+        assert np.linalg.norm(centroid(crop[..., 0], p) - p) < 0.25
+
+
+def test_pipeline_flip_swaps_joints_and_mirrors_pixels():
+    record = dict(center=np.array([100.0, 100.0]), scale=np.array([1.0, 1.0]),
+                  joints=np.tile([[60.0, 80.0]], (16, 1)), visible=np.ones(16))
+    record['joints'][0] = [70, 120]  # r_ankle
+    img = dot_image(200, 200, [record['joints'][0]])
+    pipe = Pipeline(100, MPII.flip_permutation(), train=True, max_scale=0, max_rotate=0, flip=True, color_jitter=0)
+    for seed in range(20):
+        out = pipe(img, record, np.random.default_rng(seed))
+        if np.allclose(out['affine'][0, 0], -0.5):
+            break
+    else:
+        pytest.fail('no flipped sample drawn')
+    # r_ankle of the original is now l_ankle (index 5), mirrored about the crop centre
+    assert np.allclose(out['joints'][5], [100 - (70 - 100) * 0.5 - 50, (120 - 100) * 0.5 + 50])
+    crop = denormalize(out['image'])[..., 0]
+    assert np.linalg.norm(centroid(crop, out['joints'][5]) - out['joints'][5]) < 0.3
+
+
+def test_inverse_affine_returns_to_original():
+    m = affine_matrix((50.0, 70.0), 123.0, (64, 48), 33.0, True, (3.0, 2.0))
+    pts = np.random.default_rng(1).uniform(0, 200, (2, 5, 2))
+    crop = np.stack([transform_points(p, m) for p in pts])
+    back = to_original(crop, np.stack([m, m]))
+    assert np.allclose(back, pts, atol=1e-3)
+    assert np.allclose(invert_affine(invert_affine(m)), m)
+
+
+def test_training_augmentation_is_deterministic_per_generator():
+    record = dict(center=np.array([64.0, 64.0]), scale=np.array([0.5, 0.5]),
+                  joints=np.random.default_rng(0).uniform(30, 90, (16, 2)), visible=np.ones(16))
+    img = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    pipe = Pipeline(64, MPII.flip_permutation(), train=True)
+    a = pipe(img, record, np.random.default_rng([0, 1, 2]))
+    b = pipe(img, record, np.random.default_rng([0, 1, 2]))
+    c = pipe(img, record, np.random.default_rng([0, 1, 3]))
+    assert np.array_equal(a['image'].numpy(), b['image'].numpy())
+    assert not np.array_equal(a['joints'], c['joints'])
