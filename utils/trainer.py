@@ -216,9 +216,9 @@ class Trainer:
                           pin_memory=self.device.type == 'cuda' and not opts.dont_pin_memory,
                           persistent_workers=False)
 
-    def forward(self, images):
+    def forward(self, images, net=None):
         with torch.autocast(device_type='cuda', dtype=torch.float16, enabled=self.amp):
-            out = self.net(images)
+            out = (net or self.net)(images)
         return [o.float() for o in out]
 
     def train_epoch(self):
@@ -268,15 +268,17 @@ class Trainer:
     def predict(self, dataset, flip_test=False):
         """Run the model over ``dataset`` (no augmentation). Returns preds (N, K, 2) in original
         image pixels, scores (N, K), indices (N,), crop-frame preds (N, K, 2), accuracy."""
-        self.net.eval()
+        # the bare model, not the DDP wrapper: evaluation runs on rank 0 alone, and a DDP
+        # forward would wait for the other ranks to broadcast buffers
+        self.model.eval()
         loader = self.loader(dataset, train=False)
         bar = self._bar(loader, 'evaluate')
         preds, scores, crops, indices, accs = [], [], [], [], []
         for images, target, weight, meta in bar:
             images = images.to(self.device, memory_format=torch.channels_last)
-            out = self.forward(images)[-1]
+            out = self.forward(images, self.model)[-1]
             if flip_test:
-                flipped = self.forward(images.flip(-1))[-1]
+                flipped = self.forward(images.flip(-1), self.model)[-1]
                 out = (out + self.codec.flip_back(flipped, self.flip_perm.to(out.device))) / 2
             if self.codec.target == 'heatmap':
                 _, acc, cnt = metrics.heatmap_accuracy(out.cpu().numpy(), target.numpy())

@@ -1,0 +1,171 @@
+"""Leeds Sports Pose (LSP) and LSP-extended readers: 14 joints, PCK@0.2 (torso).
+
+Layout under ``dataDir`` (see docs/datasets.md)::
+
+    joints.mat            LSP, key 'joints' (3, 14, 2000): rows x, y, flag; flag 0 = visible
+    images/im0001.jpg ... im2000.jpg
+    lspet/joints.mat      optional LSP-extended, key 'joints' (14, 3, 10000): flag 1 = visible
+    lspet/images/im00001.jpg ... im10000.jpg
+
+Splits (the standard protocol): train = LSP images 1-1000 (+ all of LSP-extended when present),
+val = LSP images 1001-2000.
+
+Conventions:
+  * The .mat coordinates are MATLAB pixels (1-based). Records are 0-based (x - 1, y - 1);
+    ``save_predictions`` adds the 1 back, so pred.mat is in the frame of joints.mat.
+  * LSP labels all 14 joints of every person, occluded ones with an estimated position, and
+    the standard evaluation scores all of them: an LSP record's ``visible`` is 1 for every joint
+    and the flag is kept as ``occluded``. LSP-extended (Amazon Mechanical Turk labels) gives no
+    usable position for a joint flagged invisible: there ``visible`` is the flag.
+  * No person box is given: the box is the square around the labelled joints' extent, centred on
+    the extent's middle, of side ``BOX_MARGIN`` (1.25) x the longer side of the extent (the same
+    1.25 padding that MPII and COCO boxes get); ``scale = side / 200``.
+"""
+import os
+
+import numpy as np
+
+from datasets import register_dataset
+from datasets.base import DatasetError, Reader
+from datasets.joints import LSP
+
+BOX_MARGIN = 1.25
+MIN_BOX_SIDE = 16.0     # pixels; guards a person whose labelled joints are (nearly) one point
+
+
+def first_existing(paths, kind='file'):
+    """The first path of ``paths`` that exists as a file (kind 'file') or folder ('dir'), or None."""
+    check = os.path.isfile if kind == 'file' else os.path.isdir
+    for p in paths:
+        if check(p):
+            return p
+    return None
+
+
+def check_data_dir(name, data_dir):
+    """One-line error when the dataset root itself is missing."""
+    if not os.path.isdir(data_dir):
+        raise DatasetError(f'{name}: data folder {data_dir} not found; set --dataDir '
+                           f'(see README, Preparing datasets)')
+
+
+def sample_limit(opts, split):
+    """opts.maxTrainSamples / maxValSamples for the split (0 or absent: no limit)."""
+    n = getattr(opts, 'maxTrainSamples' if split == 'train' else 'maxValSamples', 0) or 0
+    return int(n)
+
+
+def box_from_joints(joints, visible, margin=BOX_MARGIN, min_side=MIN_BOX_SIDE):
+    """Square person box around the labelled joints.
+
+    joints (K, 2) 0-based pixels, visible (K,). Returns center (2,) float32 (middle of the
+    labelled joints' extent) and scale (2,) float32 = side / 200 with side = margin x the longer
+    side of the extent (at least ``min_side``), or (None, None) when no joint is labelled.
+    """
+    j = np.asarray(joints, np.float64)[np.asarray(visible) > 0]
+    j = j[np.all(np.isfinite(j), axis=1)]
+    if len(j) == 0:
+        return None, None
+    lo, hi = j.min(0), j.max(0)
+    side = max(float((hi - lo).max()) * margin, min_side)
+    center = (lo + hi) / 2.0
+    return center.astype(np.float32), np.array([side, side], np.float32) / 200.0
+
+
+def _load_layout(path):
+    """-> joints (N, 14, 2) 1-based as stored, visible-by-flag (N, 14), layout 'lsp' or 'lspet'."""
+    import scipy.io
+    try:
+        mat = scipy.io.loadmat(path)
+    except Exception as exc:  # noqa: BLE001 -- any parse failure is a bad file
+        raise DatasetError(f'LSP: {path}: not a readable MATLAB file ({type(exc).__name__})')
+    j = mat.get('joints')
+    if j is None or not isinstance(j, np.ndarray) or j.ndim != 3:
+        raise DatasetError(f"LSP: {path}: expected an array 'joints' of shape 3x14xN (LSP) or "
+                           f"14x3xN (LSP-extended), found {getattr(j, 'shape', 'none')}")
+    if j.shape[:2] == (3, 14):
+        layout = 'lsp'
+    elif j.shape[:2] == (14, 3):
+        layout = 'lspet'
+    else:
+        raise DatasetError(f"LSP: {path}: 'joints' has shape {'x'.join(map(str, j.shape))}, "
+                           f"expected 3x14xN (LSP) or 14x3xN (LSP-extended)")
+    from utils import metrics
+    joints, visible = metrics.read_lsp_joints(path)
+    return joints, visible, layout
+
+
+@register_dataset('LSP')
+class LSPReader(Reader):
+    joint_set = LSP
+
+    def __init__(self, opts, split):
+        super().__init__(opts, split)
+        root = opts.dataDir
+        check_data_dir('LSP', root)
+        lsp_mat = os.path.join(root, 'joints.mat')
+        lspet_mat = os.path.join(root, 'lspet', 'joints.mat')
+        use_lspet = split == 'train' and os.path.isfile(lspet_mat)
+        if not os.path.isfile(lsp_mat) and not use_lspet:
+            extra = ' (and/or lspet/joints.mat)' if split == 'train' else ''
+            raise DatasetError(f'LSP: expected joints.mat{extra} under {root} '
+                               f'(see README, Preparing datasets)')
+        sources = []
+        if os.path.isfile(lsp_mat):
+            joints, flags, layout = _load_layout(lsp_mat)
+            if layout != 'lsp' or len(joints) != 2000:
+                raise DatasetError(f'LSP: {lsp_mat}: expected the LSP layout 3x14x2000 '
+                                   f'(flag 0 = visible), found {len(joints)} persons in the '
+                                   f'{"LSP" if layout == "lsp" else "LSP-extended 14x3xN"} layout; '
+                                   f'put LSP-extended at lspet/joints.mat')
+            rows = range(0, 1000) if split == 'train' else range(1000, 2000)
+            sources.append(('lsp', lsp_mat, joints, flags, rows,
+                            os.path.join(root, 'images'), 'im%04d.jpg'))
+        if use_lspet:
+            joints, flags, layout = _load_layout(lspet_mat)
+            if layout != 'lspet':
+                raise DatasetError(f'LSP: {lspet_mat}: expected the LSP-extended layout 14x3xN '
+                                   f'(flag 1 = visible), found the LSP layout 3x14xN')
+            sources.append(('lspet', lspet_mat, joints, flags, range(len(joints)),
+                            os.path.join(root, 'lspet', 'images'), 'im%05d.jpg'))
+        limit = sample_limit(opts, split)
+        for layout, mat_path, joints, flags, rows, image_dir, pattern in sources:
+            if not os.path.isdir(image_dir):
+                raise DatasetError(f'LSP: expected the images of {mat_path} in {image_dir} '
+                                   f'(see README, Preparing datasets)')
+            for i in rows:
+                if limit and len(self.records) >= limit:
+                    break
+                j = joints[i] - 1.0                                   # MATLAB 1-based -> 0-based
+                finite = np.all(np.isfinite(j), axis=1)
+                if layout == 'lsp':
+                    vis = finite.astype(np.float32)
+                else:
+                    vis = ((flags[i] > 0) & finite).astype(np.float32)
+                center, scale = box_from_joints(j, vis)
+                if center is None:           # LSP-extended person with no visible joint
+                    continue
+                self.records.append(dict(
+                    image=os.path.join(image_dir, pattern % (i + 1)),
+                    center=center, scale=scale,
+                    joints=np.where(vis[:, None] > 0, j, 0.0).astype(np.float32),
+                    visible=vis,
+                    occluded=((flags[i] == 0) & finite).astype(np.float32),
+                    source=layout, index_in_file=i))
+
+    def evaluate(self, preds, scores, indices):
+        """PCK@0.2 with the torso diameter over the given records; headline = Mean."""
+        from utils import metrics
+        recs = [self.records[int(i)] for i in indices]
+        gt = np.stack([r['joints'] for r in recs])
+        vis = np.stack([r['visible'] for r in recs])
+        table = metrics.lsp_pck_table(np.asarray(preds, np.float64), gt, vis)
+        return table, table['Mean']
+
+    def save_predictions(self, preds, scores, indices, out_dir):
+        """pred.mat, key 'preds' (N, 14, 2), records in order, in the frame of joints.mat (1-based)."""
+        from utils import metrics
+        order = np.argsort(np.asarray(indices), kind='stable')
+        path = os.path.join(out_dir, 'pred.mat')
+        metrics.save_pred_mat(path, np.asarray(preds, np.float64)[order] + 1.0)
+        return path

@@ -1,0 +1,240 @@
+"""MPII Human Pose reader: 16 joints, PCKh@0.5.
+
+Two annotation layouts are read, chosen by what is found under ``dataDir`` (json first):
+
+* the HRNet / SimpleBaselines json, ``annot/{train,valid}.json``: a list of
+  ``{image, center, scale, joints (16x2, MATLAB 1-based pixels), joints_vis (16)}`` with the raw
+  MPII ``objpos`` / ``scale``. As that code does, the box is adjusted here:
+  ``center[1] += 15 * scale; scale *= 1.25`` (skipped when center[0] == -1), then center and
+  joints are made 0-based (- 1).
+* the stacked-hourglass (pose-hg-train) h5, ``annot/{train,valid}.h5`` or ``{train,valid}.h5``:
+  ``imgname, center, scale, part (Nx16x2, MATLAB 1-based, truncated to integers), visible,
+  normalize``. Its writer (pose-hg-train's convert_annot.py) already applied the same
+  ``+15 * scale`` / ``* 1.25`` adjustment, so it is NOT applied again (the fixture shows it:
+  h5 center = json center + 15 * json scale, h5 scale = 1.25 * json scale). A joint is labelled
+  when its ``part`` is not (0, 0) (this matches ``jnt_missing`` of gt_valid.mat on all 2958
+  validation persons); the h5 ``visible`` field is MPII's occlusion flag and is kept as
+  ``occluded`` = 1 - visible. ``normalize`` (0.6 x head-box diagonal) is the PCKh head size.
+
+Images: ``dataDir/images/<name>``. The square box is ``scale * 200`` pixels for both training
+crops and testing.
+
+Evaluation: with ``dataDir/annot/gt_valid.mat`` present, the split the full validation set
+(2958 persons, in gt_valid's order, all predicted) -> the official protocol (predictions + 1,
+``metrics.mpii_official``). Otherwise PCKh@0.5 with the records' head sizes (h5 ``normalize``,
+or gt_valid's head boxes when the json entries are verifiably gt_valid's first persons).
+"""
+import json
+import os
+
+import numpy as np
+
+from datasets import register_dataset
+from datasets.base import DatasetError, Reader
+from datasets.joints import MPII
+from datasets.lsp import check_data_dir, sample_limit
+
+SPLIT_FILE = {'train': 'train', 'val': 'valid'}
+GT_VALID = os.path.join('annot', 'gt_valid.mat')
+
+
+def _entry_error(path, i, what):
+    return DatasetError(f'MPII: {path}: entry {i}: {what}')
+
+
+def _read_json(path):
+    """-> list of dict(image, center (2,) 1-based raw, scale float, joints (16,2) 1-based, vis (16,))."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DatasetError(f'MPII: {path}: not valid json ({str(exc).splitlines()[0]})') from None
+    if not isinstance(data, list):
+        raise DatasetError(f'MPII: {path}: expected a json list of persons '
+                           f'{{image, center, scale, joints, joints_vis}}, found {type(data).__name__}')
+    out = []
+    for i, a in enumerate(data):
+        if not isinstance(a, dict):
+            raise _entry_error(path, i, 'not a json object')
+        for key in ('image', 'center', 'scale'):
+            if key not in a:
+                raise _entry_error(path, i, f"missing key '{key}'")
+        try:
+            center = np.asarray(a['center'], np.float64).reshape(2)
+            scale = float(np.asarray(a['scale'], np.float64).reshape(-1)[0])
+            if 'joints' in a:
+                joints = np.asarray(a['joints'], np.float64).reshape(16, 2)
+                vis = np.asarray(a.get('joints_vis', np.ones(16)), np.float64).reshape(16)
+            else:                                   # test.json: no joints
+                joints, vis = np.zeros((16, 2)), np.zeros(16)
+        except (ValueError, TypeError) as exc:
+            raise _entry_error(path, i, f'center must be 2 numbers, scale a number, joints '
+                                        f'16x2 and joints_vis 16 numbers ({exc})') from None
+        out.append(dict(image=str(a['image']), center=center, scale=scale, joints=joints,
+                        visible=(vis > 0).astype(np.float64)))
+    return out
+
+
+def _read_h5(path):
+    """-> dict of arrays: imgname (list of str), center (N,2), scale (N,), part (N,16,2), ..."""
+    import h5py
+    try:
+        f = h5py.File(path, 'r')
+    except Exception as exc:  # noqa: BLE001
+        raise DatasetError(f'MPII: {path}: not a readable HDF5 file ({type(exc).__name__})') from None
+    with f:
+        missing = [k for k in ('imgname', 'center', 'scale', 'part') if k not in f]
+        if missing:
+            raise DatasetError(f'MPII: {path}: missing dataset(s) {", ".join(missing)} '
+                               f'(expected the pose-hg-train layout: imgname, center, scale, part, '
+                               f'visible, normalize)')
+        a = {k: f[k][()] for k in ('imgname', 'center', 'scale', 'part', 'visible', 'normalize') if k in f}
+    n = len(a['imgname'])
+    shapes = dict(center=(n, 2), scale=(n,), part=(n, 16, 2), visible=(n, 16), normalize=(n,))
+    for k, shape in shapes.items():
+        if k in a and np.shape(a[k]) != shape:
+            raise DatasetError(f'MPII: {path}: {k} has shape {np.shape(a[k])}, expected {shape}')
+    a['imgname'] = [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(a['imgname']).reshape(-1)]
+    return a
+
+
+def _load_gt_valid(path):
+    """-> pos (N,16,2) 1-based, labelled (N,16) bool, head_size (N,), or None if the file is absent."""
+    if not os.path.isfile(path):
+        return None
+    import scipy.io
+    try:
+        mat = scipy.io.loadmat(path)
+        pos = np.asarray(mat['pos_gt_src'], np.float64).transpose(2, 0, 1)
+        missing = np.asarray(mat['jnt_missing']).T > 0
+        boxes = np.asarray(mat['headboxes_src'], np.float64)
+        head = 0.6 * np.linalg.norm(boxes[1] - boxes[0], axis=0)
+    except Exception as exc:  # noqa: BLE001
+        raise DatasetError(f'MPII: {path}: not an MPII gt_valid.mat (pos_gt_src 16x2xN, '
+                           f'jnt_missing 16xN, headboxes_src 2x2xN) ({type(exc).__name__}: {exc})') from None
+    if pos.shape[1:] != (16, 2) or missing.shape != pos.shape[:2] or head.shape != pos.shape[:1]:
+        raise DatasetError(f'MPII: {path}: inconsistent shapes of pos_gt_src / jnt_missing / headboxes_src')
+    return pos, ~missing, head
+
+
+def _aligned_with_gt_valid(joints_1based, labelled, gt):
+    """True when annotation entry i is gt_valid person i for every entry (median distance of the
+    joints labelled in both < 2 px; gt_valid zeroes a few coordinates, hence the median)."""
+    pos, gt_lab, _ = gt
+    m = len(joints_1based)
+    if m == 0 or m > len(pos):
+        return False
+    both = labelled & gt_lab[:m]
+    d = np.linalg.norm(joints_1based - pos[:m], axis=-1)
+    d = np.where(both, d, np.nan)
+    has = both.any(axis=1)
+    if not has.any():
+        return False
+    with np.errstate(all='ignore'):
+        med = np.nanmedian(d[has], axis=1)
+    return bool(np.all(med < 2.0))
+
+
+@register_dataset('MPII')
+class MPIIReader(Reader):
+    joint_set = MPII
+
+    def __init__(self, opts, split):
+        super().__init__(opts, split)
+        root = opts.dataDir
+        check_data_dir('MPII', root)
+        name = SPLIT_FILE[split]
+        candidates = [os.path.join(root, 'annot', f'{name}.json'), os.path.join(root, 'annot', f'{name}.h5'),
+                      os.path.join(root, f'{name}.h5')]
+        path = next((p for p in candidates if os.path.isfile(p)), None)
+        if path is None:
+            raise DatasetError(f'MPII: expected annot/{name}.json, annot/{name}.h5 or {name}.h5 under '
+                               f'{root} (see README, Preparing datasets)')
+        image_dir = os.path.join(root, 'images')
+        if not os.path.isdir(image_dir):
+            raise DatasetError(f'MPII: expected the images in {image_dir} (see README, Preparing datasets)')
+        self.annotation_path = path
+        self.layout = 'json' if path.endswith('.json') else 'h5'
+
+        if self.layout == 'json':
+            entries = _read_json(path)
+            centers = np.array([e['center'] for e in entries]).reshape(-1, 2)
+            scales = np.array([e['scale'] for e in entries], np.float64)
+            adjust = centers[:, 0] != -1                 # HRNet: no adjustment for a missing box
+            centers[adjust, 1] += 15.0 * scales[adjust]
+            scales[adjust] *= 1.25
+            joints_1 = np.array([e['joints'] for e in entries]).reshape(-1, 16, 2)
+            labelled = np.array([e['visible'] for e in entries]).reshape(-1, 16) > 0
+            names = [e['image'] for e in entries]
+            head = np.full(len(entries), np.nan)
+            occluded = np.zeros((len(entries), 16))
+        else:
+            a = _read_h5(path)
+            centers = np.asarray(a['center'], np.float64).copy()   # already adjusted by its writer
+            scales = np.asarray(a['scale'], np.float64).copy()
+            joints_1 = np.asarray(a['part'], np.float64)
+            labelled = (joints_1 > 0).any(axis=-1)
+            names = a['imgname']
+            head = np.asarray(a['normalize'], np.float64) if 'normalize' in a else np.full(len(names), np.nan)
+            occluded = ((np.asarray(a['visible']) == 0) & labelled) if 'visible' in a else np.zeros(labelled.shape)
+
+        # gt_valid.mat: the official protocol, and head sizes for json entries
+        self.gt_valid_path = None
+        gt = _load_gt_valid(os.path.join(root, GT_VALID)) if split == 'val' else None
+        if gt is not None and _aligned_with_gt_valid(joints_1, labelled, gt):
+            self.gt_valid_path = os.path.join(root, GT_VALID)
+            self.num_gt_valid = len(gt[0])
+            missing_head = ~(np.isfinite(head) & (head > 0))
+            head[missing_head] = gt[2][:len(head)][missing_head]
+        self.num_entries = len(names)
+
+        limit = sample_limit(opts, split)
+        n = min(limit, len(names)) if limit else len(names)
+        for i in range(n):
+            lab = labelled[i].astype(np.float32)
+            j = np.where(lab[:, None] > 0, joints_1[i] - 1.0, 0.0)   # 1-based -> 0-based
+            s = float(scales[i])
+            self.records.append(dict(
+                image=os.path.join(image_dir, names[i]),
+                center=(centers[i] - 1.0).astype(np.float32),
+                scale=np.array([s, s], np.float32),
+                joints=j.astype(np.float32), visible=lab,
+                occluded=np.asarray(occluded[i], np.float32),
+                head_size=float(head[i]), annot_index=i))
+
+    def _official(self, indices):
+        """True when predictions cover the whole gt_valid set in its order."""
+        return (self.gt_valid_path is not None and self.num_entries == self.num_gt_valid
+                and len(self.records) == self.num_entries and len(indices) == len(self.records)
+                and np.array_equal(np.sort(indices), np.arange(len(self.records))))
+
+    def evaluate(self, preds, scores, indices):
+        """PCKh@0.5: the official gt_valid.mat protocol on the full validation set, else the
+        records' head sizes. Returns (table, table['Mean'])."""
+        from utils import metrics
+        preds = np.asarray(preds, np.float64)
+        indices = np.asarray(indices, np.int64)
+        if self._official(indices):
+            full = np.zeros((len(self.records), 16, 2))
+            full[indices] = preds
+            table = metrics.mpii_official(full + 1.0, self.gt_valid_path)    # 1-based, as pred.mat
+            return table, table['Mean']
+        recs = [self.records[int(i)] for i in indices]
+        head = np.array([r['head_size'] for r in recs], np.float64)
+        if not np.all(np.isfinite(head) & (head > 0)):
+            raise DatasetError(
+                f'MPII: cannot evaluate {self.annotation_path}: no head sizes; the json layout needs '
+                f'the official {os.path.join(self.opts.dataDir, GT_VALID)} (and the validation split), '
+                f"the h5 layout its 'normalize' field (see README, Preparing datasets)")
+        gt = np.stack([r['joints'] for r in recs])
+        vis = np.stack([r['visible'] for r in recs])
+        table = metrics.pckh_table(preds, gt, vis, head, MPII)
+        return table, table['Mean']
+
+    def save_predictions(self, preds, scores, indices, out_dir):
+        """pred.mat, key 'preds' (N, 16, 2), 1-based MATLAB pixels, in record order (HRNet's file)."""
+        from utils import metrics
+        order = np.argsort(np.asarray(indices), kind='stable')
+        path = os.path.join(out_dir, 'pred.mat')
+        metrics.save_pred_mat(path, np.asarray(preds, np.float64)[order] + 1.0)
+        return path
