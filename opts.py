@@ -119,7 +119,7 @@ def build_parser():
     g.add_argument('--modelName', default='resnet34', help='ChainedPredictions: encoder')
     g.add_argument('--ohKernel', type=_ranged(int, 1), default=3, help='ChainedPredictions: output-to-hidden kernel')
     g.add_argument('--hhKernel', type=_ranged(int, 1), default=3, help='ChainedPredictions: hidden-to-hidden kernel')
-    g.add_argument('--baseWidth', type=_ranged(int, 1), default=6, help='PyraNet: width of each pyramid branch')
+    g.add_argument('--baseWidth', type=_ranged(int, 1), default=6, help='PyraNet: pyramid branch width divisor (branch width = nChannels // baseWidth)')
     g.add_argument('--cardinality', type=_ranged(int, 1), default=4, help='PyraNet: pyramid levels C')
     g.add_argument('--LRNSize', type=_ranged(int, 1), default=1, help='PoseAttention: CRF kernel size')
     g.add_argument('--IterSize', type=_ranged(int, 1), default=3, help='PoseAttention: CRF mean-field iterations')

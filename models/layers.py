@@ -1,0 +1,172 @@
+"""Building blocks shared by the hourglass family (StackedHourGlass, PyraNet, PoseAttention,
+SoftGatedHourglass).
+
+Every block maps ``(N, C_in, H, W) -> (N, C_out, H, W)`` unless stated otherwise. A *block
+factory* is any callable ``make_block(in_channels, out_channels, scale)`` that returns such a
+module; ``scale`` is the downsampling of the block's input relative to the hourglass input
+(1, 2, 4, ...), so a factory can choose a different block at coarse resolutions (PyraNet does).
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def bn_relu(channels):
+    """BatchNorm followed by an in-place ReLU (the pre-activation of a residual branch)."""
+    return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+
+def conv_bn_relu(in_channels, out_channels, kernel_size=1, stride=1):
+    """Post-activation convolution: conv (with bias, as in the Torch code) - BN - ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2),
+        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+def skip_layer(in_channels, out_channels):
+    """Identity when the widths agree, else a 1x1 projection (pose-hg-train's ``skipLayer``)."""
+    if in_channels == out_channels:
+        return nn.Identity()
+    return nn.Conv2d(in_channels, out_channels, 1)
+
+
+class Residual(nn.Module):
+    """Pre-activation bottleneck of Newell et al. (pose-hg-train ``Residual.lua``).
+
+    BN-ReLU-conv1x1(C/2) - BN-ReLU-conv3x3(C/2) - BN-ReLU-conv1x1(C), plus the skip (identity,
+    or a 1x1 convolution when the widths differ).
+    """
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        mid = out_channels // 2
+        self.branch = nn.Sequential(
+            bn_relu(in_channels), nn.Conv2d(in_channels, mid, 1),
+            bn_relu(mid), nn.Conv2d(mid, mid, 3, padding=1),
+            bn_relu(mid), nn.Conv2d(mid, out_channels, 1))
+        self.skip = skip_layer(in_channels, out_channels)
+
+    def forward(self, x):
+        return self.branch(x) + self.skip(x)
+
+
+def residual_factory(in_channels, out_channels, scale=1):
+    """Block factory of the plain stacked hourglass (the resolution does not matter)."""
+    return Residual(in_channels, out_channels)
+
+
+def repeat_blocks(make_block, in_channels, out_channels, count, scale=1):
+    """``count`` blocks in sequence; the first changes the width, the others keep it."""
+    layers = [make_block(in_channels if i == 0 else out_channels, out_channels, scale) for i in range(count)]
+    return nn.Sequential(*layers) if layers else nn.Identity()
+
+
+def upsample_to(x, like):
+    """Nearest-neighbour upsampling of ``x`` to the spatial size of ``like`` (x2 in the
+    hourglass when the size divides evenly, like Torch's ``SpatialUpSamplingNearest(2)``)."""
+    return F.interpolate(x, size=like.shape[-2:], mode='nearest')
+
+
+class AddMerge(nn.Module):
+    """The hourglass's merge of its two branches: elementwise sum (Newell et al.)."""
+
+    def forward(self, upper, lower):
+        return upper + lower
+
+
+def add_merge(channels):
+    return AddMerge()
+
+
+class Hourglass(nn.Module):
+    """One recursive hourglass (Newell et al. 2016, pose-hg-train ``hg.lua``), block-agnostic.
+
+    At each of the ``depth`` levels: an upper (skip) branch of ``num_modules`` blocks at the
+    current resolution; a lower branch that max-pools by 2, applies ``num_modules`` blocks,
+    recurses (or, at the bottom, applies ``num_modules`` more blocks), applies ``num_modules``
+    blocks and upsamples (nearest) by 2; the two branches are merged (summed).
+
+    Variants plug in without copying the recursion:
+
+    * ``make_block(in_channels, out_channels, scale)`` -- the block everywhere;
+    * ``make_skip(channels, depth, scale)`` -- the upper branch at a level (default:
+      ``num_modules`` blocks); PoseAttention's grows with the depth;
+    * ``make_merge(channels)`` -- a module ``(upper, lower) -> merged`` (default: sum);
+      SoftGatedHourglass concatenates.
+
+    Input and output: (N, C, H, W), H and W divisible by ``2 ** depth``.
+    """
+
+    def __init__(self, depth, channels, make_block=residual_factory, num_modules=1, scale=1,
+                 make_skip=None, make_merge=add_merge):
+        super().__init__()
+        self.depth = depth
+        if make_skip is None:
+            self.up1 = repeat_blocks(make_block, channels, channels, num_modules, scale)
+        else:
+            self.up1 = make_skip(channels, depth, scale)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.low1 = repeat_blocks(make_block, channels, channels, num_modules, 2 * scale)
+        if depth > 1:
+            self.low2 = Hourglass(depth - 1, channels, make_block, num_modules, 2 * scale,
+                                  make_skip, make_merge)
+        else:
+            self.low2 = repeat_blocks(make_block, channels, channels, num_modules, 2 * scale)
+        self.low3 = repeat_blocks(make_block, channels, channels, num_modules, 2 * scale)
+        self.merge = make_merge(channels)
+
+    def forward(self, x):
+        up1 = self.up1(x)
+        low = self.low3(self.low2(self.low1(self.pool(x))))
+        return self.merge(up1, upsample_to(low, up1))
+
+
+class Stem(nn.Module):
+    """Initial processing of pose-hg-train: conv7x7/2 (64) - BN - ReLU - block(64, 128) -
+    maxpool/2 - block(128, 128) - block(128, C). (N, 3, H, W) -> (N, C, H/4, W/4)."""
+
+    def __init__(self, out_channels, make_block=residual_factory, in_channels=3):
+        super().__init__()
+        self.conv = conv_bn_relu(in_channels, 64, 7, 2)
+        self.block1 = make_block(64, 128, 2)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.block2 = make_block(128, 128, 4)
+        self.block3 = make_block(128, out_channels, 4)
+
+    def forward(self, x):
+        return self.block3(self.block2(self.pool(self.block1(self.conv(x)))))
+
+
+class StackHead(nn.Module):
+    """What follows each hourglass in pose-hg-train: ``num_modules`` blocks, a 1x1 conv-BN-ReLU
+    ("lin"), and the 1x1 conv to ``num_joints`` heatmaps.
+
+    ``forward`` returns ``(features, heatmaps)``: (N, C, H, W) and (N, K, H, W).
+    """
+
+    def __init__(self, channels, num_joints, make_block=residual_factory, num_modules=1):
+        super().__init__()
+        self.blocks = repeat_blocks(make_block, channels, channels, num_modules)
+        self.lin = conv_bn_relu(channels, channels, 1)
+        self.score = nn.Conv2d(channels, num_joints, 1)
+
+    def forward(self, x):
+        feat = self.lin(self.blocks(x))
+        return feat, self.score(feat)
+
+
+class Remap(nn.Module):
+    """Intermediate-supervision remap between stacks: the next stack's input is
+    ``x + conv1x1(features) + conv1x1(heatmaps)`` (pose-hg-train's ``ll_`` and ``tmpOut_``)."""
+
+    def __init__(self, channels, num_joints):
+        super().__init__()
+        self.features = nn.Conv2d(channels, channels, 1)
+        self.heatmaps = nn.Conv2d(num_joints, channels, 1)
+
+    def forward(self, x, features, heatmaps):
+        return x + self.features(features) + self.heatmaps(heatmaps)
+
+
+def count_parameters(module):
+    """Number of trainable parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

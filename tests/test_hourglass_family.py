@@ -1,0 +1,229 @@
+"""Tests of the hourglass family: StackedHourGlass, PyraNet, PoseAttention, SoftGatedHourglass.
+
+Tiny widths and 64x64 inputs keep the file fast on a CPU; paper-sized models are only counted,
+on the meta device (no memory, no forward).
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import opts
+from datasets.codecs import HeatmapCodec
+from models import MODELS, build_model
+from models.attention import MeanFieldAttention, PartAttention, PoseAttention
+from models.hourglass import StackedHourglass
+from models.layers import count_parameters
+from models.pyranet import FractionalMaxPool2d, PyraNet
+from models.softgated import SoftGatedHourglass, SoftGatedResidual
+
+# tiny configurations: (class, constructor kwargs); PoseAttention with 3 reductions so that
+# its hourglass has an HRU, and 2 stacks so that it has both head kinds
+TINY = {
+    'StackedHourGlass': (StackedHourglass, dict(num_stacks=2, channels=16, num_reductions=2)),
+    'PyraNet': (PyraNet, dict(num_stacks=2, channels=16, num_reductions=2, base_width=4, cardinality=4)),
+    'PoseAttention': (PoseAttention, dict(num_stacks=2, channels=16, num_reductions=3, lrn_size=3, iterations=2)),
+    'SoftGatedHourglass': (SoftGatedHourglass, dict(num_stacks=2, channels=16, num_reductions=2)),
+}
+NAMES = sorted(TINY)
+RES = 64
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """These models are tiny: one intra-op thread is as fast, and avoids the OpenMP spinning that
+    makes them many times slower when the cores are shared (restored after the module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name, num_joints=16, seed=0):
+    cls, kwargs = TINY[name]
+    torch.manual_seed(seed)
+    return cls(num_joints=num_joints, **kwargs)
+
+
+def blob_batch(n=2, num_joints=16, seed=0):
+    """Random images and Gaussian-blob targets from the project's codec."""
+    rng = np.random.default_rng(seed)
+    codec = HeatmapCodec(RES, RES // 4, sigma=2.0)
+    targets, weights = [], []
+    for _ in range(n):
+        joints = rng.uniform(8, RES - 8, size=(num_joints, 2)).astype(np.float32)
+        t, w = codec.encode(joints, np.ones(num_joints))
+        targets.append(t)
+        weights.append(w)
+    images = torch.from_numpy(rng.standard_normal((n, 3, RES, RES)).astype(np.float32))
+    return codec, images, torch.from_numpy(np.stack(targets)), torch.from_numpy(np.stack(weights))
+
+
+def first_conv(model):
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('num_joints', [16, 17, 14])
+def test_output_list_shapes(name, num_joints):
+    model = tiny(name, num_joints)
+    assert model.target == 'heatmap' and model.stride == 4
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, RES, RES))
+    assert isinstance(out, list) and len(out) == 2
+    for o in out:
+        assert o.shape == (2, num_joints, RES // 4, RES // 4)
+        assert torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_non_square_input(name):
+    model = tiny(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 96))
+    assert all(o.shape == (1, 16, 16, 24) for o in out)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_gradients_reach_first_conv(name):
+    model = tiny(name)
+    codec, images, target, weight = blob_batch()
+    codec.loss(model(images), target, weight).backward()
+    grad = first_conv(model).weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters()), 'a parameter got no gradient'
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_state_dict_roundtrip(name, tmp_path):
+    model = tiny(name, seed=0)
+    _, images, _, _ = blob_batch()
+    model(images)  # move the BN running statistics off their initial values
+    model.eval()
+    path = tmp_path / 'model.pth'
+    torch.save(model.state_dict(), path)
+    other = tiny(name, seed=1)
+    other.load_state_dict(torch.load(path, weights_only=True))
+    other.eval()
+    with torch.no_grad():
+        a, b = model(images), other(images)
+        again = model(images)
+    for x, y, z in zip(a, b, again):
+        assert torch.equal(x, y)
+        assert torch.equal(x, z)  # eval is deterministic (PyraNet's fractional pooling included)
+
+
+@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('optimizer', ['SGD', 'RMSprop'])
+def test_two_steps_lower_the_loss(name, optimizer):
+    model = tiny(name)
+    codec, images, target, weight = blob_batch()
+    if optimizer == 'SGD':
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        opt = torch.optim.RMSprop(model.parameters(), lr=2.5e-4)
+
+    def loss():
+        torch.manual_seed(123)  # same fractional-pooling draws for every evaluation
+        return codec.loss(model(images), target, weight)
+
+    start = loss()
+    for _ in range(2):
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        opt.step()
+    with torch.no_grad():
+        end = loss()
+    assert end.item() < 0.97 * start.item()
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_from_opts_builds_the_named_class(name):
+    cls, _ = TINY[name]
+    o = opts.parse(['--model', name, '--nStack', '2', '--nChannels', '16', '--nReductions', '2',
+                    '--nJoints', '17', '--baseWidth', '4', '--LRNSize', '3', '--IterSize', '2'])
+    model = build_model(o)
+    assert type(model) is cls
+    assert MODELS[name] is cls and cls.registry_name == name
+    with torch.no_grad():
+        out = model.eval()(torch.randn(1, 3, RES, RES))
+    assert len(out) == 2 and out[-1].shape == (1, 17, 16, 16)
+
+
+def test_pose_attention_is_not_the_plain_hourglass():
+    o = opts.parse(['--model', 'PoseAttention', '--nStack', '2', '--nChannels', '16', '--nReductions', '2'])
+    model = build_model(o)
+    assert not isinstance(model, StackedHourglass)
+    assert any(isinstance(m, MeanFieldAttention) for m in model.modules())
+    assert any(isinstance(m, PartAttention) for m in model.modules())
+
+
+@pytest.mark.parametrize('conf, cls', [
+    ('hourglass', StackedHourglass), ('pyranet', PyraNet),
+    ('attention', PoseAttention), ('softgated', SoftGatedHourglass)])
+def test_defconf_names_its_model(conf, cls):
+    o = opts.parse(['-ModelConfig', f'conf/models/{conf}.defconf'])
+    assert MODELS[o.model] is cls
+    assert (o.inputRes, o.outputRes) == (256, 64)
+
+
+def paper_count(conf):
+    """Parameters of the model a .defconf builds (16 joints), counted on the meta device."""
+    o = opts.parse(['-ModelConfig', f'conf/models/{conf}.defconf', '--nJoints', '16'])
+    with torch.device('meta'):
+        return count_parameters(build_model(o))
+
+
+def test_paper_parameter_counts():
+    hourglass = paper_count('hourglass')
+    assert 20e6 < hourglass < 30e6  # the paper: ~25M for 8 stacks
+    assert hourglass == 25_434_112
+    softgated = paper_count('softgated')
+    assert softgated < hourglass / 2.5  # the paper: ~3x smaller than the 8-stack hourglass
+    assert softgated == 8_373_064
+    assert paper_count('pyranet') == 28_352_892
+    assert paper_count('attention') == 58_312_088
+
+
+def test_soft_gate_is_per_channel_and_batch_independent():
+    block = SoftGatedResidual(16, 32)
+    assert block.gate.shape == (1, 32, 1, 1)
+    block.eval()
+    for n in (1, 3):
+        assert block(torch.randn(n, 16, 8, 8)).shape == (n, 32, 8, 8)
+    with torch.no_grad():
+        block.gate.zero_()
+        x = torch.randn(2, 16, 8, 8)
+        c1 = block.conv1(x)
+        c2 = block.conv2(c1)
+        c3 = block.conv3(c2)
+        assert torch.allclose(block(x), torch.cat([c1, c2, c3], 1))  # gate 0: no skip at all
+
+
+def test_fractional_pooling():
+    pool = FractionalMaxPool2d(2 ** -0.25)
+    x = torch.randn(2, 3, 16, 16)
+    assert pool(x).shape == (2, 3, 13, 13)
+    pool.eval()
+    assert torch.equal(pool(x), pool(x))
+    pool.train()
+    torch.manual_seed(0)
+    draws = {tuple(pool(x).flatten()[:50].tolist()) for _ in range(5)}
+    assert len(draws) > 1  # random in training, as Torch's SpatialFractionalMaxPooling
+    prm_ratios = sorted(m.ratio for m in tiny('PyraNet').stem[1].pyramid.pools)
+    assert np.allclose(prm_ratios, [2 ** (-c / 4) for c in (4, 3, 2, 1)])
+
+
+def test_part_attention_equals_one_branch_per_part():
+    """The fused part attention computes conv1x1_k(f * Q_k) for each part k, as the code."""
+    torch.manual_seed(0)
+    part = PartAttention(8, 3, kernel_size=3, iterations=2).eval()
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        q = part.attention(x)
+        out = part(x)
+        for k in range(3):
+            attended = x * q[:, k:k + 1]
+            score = nn.functional.conv2d(attended, part.score.weight[k:k + 1], part.bias[k:k + 1])
+            assert torch.allclose(out[:, k:k + 1], score, atol=1e-5)
