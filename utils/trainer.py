@@ -214,7 +214,7 @@ class Trainer:
         return DataLoader(dataset, batch_size=opts.data_loader_size, shuffle=shuffle, sampler=sampler,
                           generator=gen, num_workers=opts.nThreads, drop_last=False,
                           pin_memory=self.device.type == 'cuda' and not opts.dont_pin_memory,
-                          persistent_workers=False)
+                          persistent_workers=False, worker_init_fn=_worker_init if opts.nThreads else None)
 
     def forward(self, images, net=None):
         with torch.autocast(device_type='cuda', dtype=torch.float16, enabled=self.amp):
@@ -353,6 +353,13 @@ class Trainer:
         from tqdm import tqdm
         return tqdm(loader, desc=desc, unit='batch', leave=False, dynamic_ncols=True, file=sys.stdout,
                     mininterval=0.5 if sys.stdout.isatty() else 10.0)
+
+
+def _worker_init(_):
+    # one thread per loader worker: the workers already run in parallel with each other
+    import cv2
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 def _jsonable(x):
