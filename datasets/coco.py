@@ -30,9 +30,8 @@ import tempfile
 import numpy as np
 
 from datasets import register_dataset
-from datasets.base import DatasetError, Reader
+from datasets.base import DatasetError, Reader, check_data_dir, first_existing, sample_limit
 from datasets.joints import COCO
-from datasets.lsp import check_data_dir, first_existing, sample_limit
 
 PADDING = 1.25
 PIXEL_STD = 200.0

@@ -24,9 +24,8 @@ import os
 import numpy as np
 
 from datasets import register_dataset
-from datasets.base import DatasetError, Reader
+from datasets.base import DatasetError, Reader, box_from_joints, check_data_dir, first_existing, sample_limit
 from datasets.joints import MPII
-from datasets.lsp import box_from_joints, check_data_dir, first_existing, sample_limit
 
 
 def annotation_candidates(root, split):

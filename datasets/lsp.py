@@ -26,51 +26,8 @@ import os
 import numpy as np
 
 from datasets import register_dataset
-from datasets.base import DatasetError, Reader
+from datasets.base import DatasetError, Reader, box_from_joints, check_data_dir, first_existing, sample_limit
 from datasets.joints import LSP
-
-BOX_MARGIN = 1.25
-MIN_BOX_SIDE = 16.0     # pixels; guards a person whose labelled joints are (nearly) one point
-
-
-def first_existing(paths, kind='file'):
-    """The first path of ``paths`` that exists as a file (kind 'file') or folder ('dir'), or None."""
-    check = os.path.isfile if kind == 'file' else os.path.isdir
-    for p in paths:
-        if check(p):
-            return p
-    return None
-
-
-def check_data_dir(name, data_dir):
-    """One-line error when the dataset root itself is missing."""
-    if not os.path.isdir(data_dir):
-        raise DatasetError(f'{name}: data folder {data_dir} not found; set --dataDir '
-                           f'(see README, Preparing datasets)')
-
-
-def sample_limit(opts, split):
-    """opts.maxTrainSamples / maxValSamples for the split (0 or absent: no limit)."""
-    n = getattr(opts, 'maxTrainSamples' if split == 'train' else 'maxValSamples', 0) or 0
-    return int(n)
-
-
-def box_from_joints(joints, visible, margin=BOX_MARGIN, min_side=MIN_BOX_SIDE):
-    """Square person box around the labelled joints.
-
-    joints (K, 2) 0-based pixels, visible (K,). Returns center (2,) float32 (middle of the
-    labelled joints' extent) and scale (2,) float32 = side / 200 with side = margin x the longer
-    side of the extent (at least ``min_side``), or (None, None) when no joint is labelled.
-    """
-    j = np.asarray(joints, np.float64)[np.asarray(visible) > 0]
-    j = j[np.all(np.isfinite(j), axis=1)]
-    if len(j) == 0:
-        return None, None
-    lo, hi = j.min(0), j.max(0)
-    side = max(float((hi - lo).max()) * margin, min_side)
-    center = (lo + hi) / 2.0
-    return center.astype(np.float32), np.array([side, side], np.float32) / 200.0
-
 
 def _load_layout(path):
     """-> joints (N, 14, 2) 1-based as stored, visible-by-flag (N, 14), layout 'lsp' or 'lspet'."""

@@ -30,9 +30,8 @@ import os
 import numpy as np
 
 from datasets import register_dataset
-from datasets.base import DatasetError, Reader
+from datasets.base import DatasetError, Reader, check_data_dir, sample_limit
 from datasets.joints import MPII
-from datasets.lsp import check_data_dir, sample_limit
 
 SPLIT_FILE = {'train': 'train', 'val': 'valid'}
 GT_VALID = os.path.join('annot', 'gt_valid.mat')
