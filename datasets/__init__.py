@@ -7,6 +7,13 @@ pipeline and the run's codec.
 import importlib
 import pkgutil
 
+import cv2
+
+# OpenCV single-threaded in every process: parallelism comes from the loader workers, and a
+# thread pool that OpenCV created in the main process (drawing, an evaluation crop) would be
+# inherited half-alive by the next forked loader worker and deadlock it.
+cv2.setNumThreads(1)
+
 DATASETS = {}
 
 

@@ -54,7 +54,7 @@ J = {name: i for i, name in enumerate(MPII.names)}
 SPLIT_CODES = {'train': 0, 'val': 1}   # train and val draw from disjoint seed streams
 HEAD_SIZE_RATIO = 0.75                 # head_size / |head_top - upper_neck|, as in MPII
 BOX_MARGIN = 1.25                      # box side / person extent, as in MPII (HRNet: s *= 1.25)
-FACING_PROB = 0.65                     # people facing the camera; the rest turn away
+FACING_PROB = 0.7                      # people facing the camera; the rest turn away
 
 # Body frame: L = the person's left, U = up, F = forward (where the person faces).
 _L, _U, _F = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
@@ -205,7 +205,7 @@ def sample_person(seed, res):
         # arm: elevation t from hanging down, azimuth p (0 out, 90 forwards, 180 across the chest)
         shoulder = _comb((1.0, pts['thorax']), (1.0, _mv(r_torso, (s * bone['shoulder'], -0.015, 0.0))))
         t = u(0, 70) if r.chance(0.5) else u(0, 170)
-        tr, pr = math.radians(t), math.radians(u(-40, 150))
+        tr, pr = math.radians(t), math.radians(u(-30, 130))
         d_upper = _mv(r_torso, (s * math.sin(tr) * math.cos(pr), -math.cos(tr), math.sin(tr) * math.sin(pr)))
         elbow = _comb((1.0, shoulder), (bone['upper_arm'], d_upper))
         g = math.radians(u(-30, 90))  # humeral rotation: the elbow bends forwards ... inwards
@@ -337,6 +337,16 @@ def _background(r, res):
     for _ in range(r.integer(2, 9)):
         _random_shape(img, r, res, r.u(0.03, 0.25) * res)
     return img
+
+
+def _limb_distractors(img, r, res, k, outline):
+    """Capsules of skin or clothing colours and limb sizes, lying about like stray limbs."""
+    for _ in range(r.integer(0, 3)):
+        a = (r.u(0, res), r.u(0, res))
+        b = (a[0] + r.u(-0.3, 0.3) * k, a[1] + r.u(-0.3, 0.3) * k)
+        rad = r.u(0.02, 0.05) * k
+        col = SKIN[r.integer(0, len(SKIN))] if r.chance(0.5) else r.colour()
+        _capsule(img, a, b, rad, rad * 0.8, _colour(col), outline, _colour(col, 0.45))
 
 
 def _random_shape(img, r, res, size, center=None):
@@ -497,14 +507,13 @@ def render(seed, res, person=None):
     img = _background(r, res)
     k = person['k']
     outline = max(1.0, 0.008 * k)
-    for _ in range(r.integer(0, 4)):   # limb-like distractors
-        a = (r.u(0, res), r.u(0, res))
-        b = (a[0] + r.u(-0.3, 0.3) * k, a[1] + r.u(-0.3, 0.3) * k)
-        rad = r.u(0.02, 0.05) * k
-        col = SKIN[r.integer(0, len(SKIN))] if r.chance(0.5) else r.colour()
-        _capsule(img, a, b, rad, rad * 0.8, _colour(col), outline, _colour(col, 0.45))
+    _limb_distractors(img, r, res, k, outline)
+    # the scene behind the person is a little less contrasted than the person (depth of field,
+    # lighting): clutter stays, but the figure stands out from it as in most photographs
+    alpha = r.u(0.45, 0.85)
+    img = cv2.convertScaleAbs(img, alpha=alpha, beta=(1 - alpha) * r.u(60, 200))
     render_person(img, person, r)
-    if r.chance(0.25):                  # occluders in front of the person
+    if r.chance(0.2):                   # occluders in front of the person
         for _ in range(r.integer(1, 3)):
             x, y = person['joints'][r.integer(0, len(person['joints']))]
             _random_shape(img, r, res, r.u(0.06, 0.16) * k, (x + r.normal(0, 0.05 * k), y + r.normal(0, 0.05 * k)))

@@ -134,3 +134,15 @@ def test_joint_count_and_stride_are_checked(tmp_path):
     with pytest.raises(SystemExit) as e:
         run(tmp_path, 'x', '--outputRes', '16', '--nEpochs', '1')
     assert 'expected outputRes 8' in str(e.value)
+
+
+def test_loader_workers_survive_several_epochs_with_drawing(tmp_path):
+    # regression: OpenCV used in the main process (vis.png) once deadlocked the next epoch's
+    # forked loader worker; a hang here would stop the run at the start of epoch 2
+    import subprocess
+    import sys
+    from conftest import ROOT
+    args = TINY + ['--expDir', str(tmp_path), '--expID', 'w', '--nThreads', '1', '--nEpochs', '3', '--visCount', '2']
+    r = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert (tmp_path / 'w' / 'log.txt').read_text().count('| val') == 3
