@@ -105,11 +105,20 @@ class Reader:
         table = metrics.pckh_table(preds, gt, vis, head, self.joint_set)
         return table, table['Mean']
 
+    # added to the 0-based predictions when they are written: 1.0 for datasets whose official
+    # files use MATLAB's 1-based pixels (MPII, LSP)
+    pred_offset = 0.0
+
     def save_predictions(self, preds, scores, indices, out_dir):
-        """Write predictions in the dataset's official layout; return the path."""
+        """Write predictions in the dataset's official layout; return the path.
+
+        Default: ``pred.mat`` with key ``preds`` (N, K, 2), in record order, in the frame of the
+        dataset's files (0-based pixels + ``pred_offset``).
+        """
         from utils import metrics
+        order = np.argsort(np.asarray(indices), kind='stable')
         path = os.path.join(out_dir, 'pred.mat')
-        metrics.save_pred_mat(path, preds)
+        metrics.save_pred_mat(path, np.asarray(preds, np.float64)[order] + self.pred_offset)
         return path
 
 

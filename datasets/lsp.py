@@ -55,6 +55,7 @@ def _load_layout(path):
 @register_dataset('LSP')
 class LSPReader(Reader):
     joint_set = LSP
+    pred_offset = 1.0  # pred.mat in the 1-based frame of the official files
 
     def __init__(self, opts, split):
         super().__init__(opts, split)
@@ -119,10 +120,3 @@ class LSPReader(Reader):
         table = metrics.lsp_pck_table(np.asarray(preds, np.float64), gt, vis)
         return table, table['Mean']
 
-    def save_predictions(self, preds, scores, indices, out_dir):
-        """pred.mat, key 'preds' (N, 14, 2), records in order, in the frame of joints.mat (1-based)."""
-        from utils import metrics
-        order = np.argsort(np.asarray(indices), kind='stable')
-        path = os.path.join(out_dir, 'pred.mat')
-        metrics.save_pred_mat(path, np.asarray(preds, np.float64)[order] + 1.0)
-        return path

@@ -137,6 +137,7 @@ def _aligned_with_gt_valid(joints_1based, labelled, gt):
 @register_dataset('MPII')
 class MPIIReader(Reader):
     joint_set = MPII
+    pred_offset = 1.0  # pred.mat in the 1-based frame of the official files
 
     def __init__(self, opts, split):
         super().__init__(opts, split)
@@ -230,10 +231,3 @@ class MPIIReader(Reader):
         table = metrics.pckh_table(preds, gt, vis, head, MPII)
         return table, table['Mean']
 
-    def save_predictions(self, preds, scores, indices, out_dir):
-        """pred.mat, key 'preds' (N, 16, 2), 1-based MATLAB pixels, in record order (HRNet's file)."""
-        from utils import metrics
-        order = np.argsort(np.asarray(indices), kind='stable')
-        path = os.path.join(out_dir, 'pred.mat')
-        metrics.save_pred_mat(path, np.asarray(preds, np.float64)[order] + 1.0)
-        return path

@@ -175,7 +175,7 @@ def sample_person(seed, res):
 
     pts = {'pelvis': (0.0, 0.0, 0.0)}  # body frame, pelvis at the origin, unit = standing height
     # torso: twist about the spine, then a forward and a sideways bend
-    fwd_bend = u(10, 60) if r.chance(0.2) else u(-12, 20)
+    fwd_bend = u(10, 45) if r.chance(0.2) else u(-12, 20)
     r_torso = _mm(_mm(_rot(_L, fwd_bend), _rot(_F, u(-15, 15))), _rot(_U, u(-30, 30)))
     pts['thorax'] = _mv(r_torso, (0.0, bone['spine'], 0.0))
     r_neck = _mm(_mm(r_torso, _rot(_L, u(-10, 20))), _rot(_F, u(-12, 12)))
