@@ -47,13 +47,12 @@ import cv2
 import numpy as np
 
 from datasets import register_dataset
-from datasets.base import Reader
+from datasets.base import BOX_MARGIN, Reader, sample_limit
 from datasets.joints import MPII
 
 J = {name: i for i, name in enumerate(MPII.names)}
 SPLIT_CODES = {'train': 0, 'val': 1}   # train and val draw from disjoint seed streams
 HEAD_SIZE_RATIO = 0.75                 # head_size / |head_top - upper_neck|, as in MPII
-BOX_MARGIN = 1.25                      # box side / person extent, as in MPII (HRNet: s *= 1.25)
 FACING_PROB = 0.7                      # people facing the camera; the rest turn away
 
 # Body frame: L = the person's left, U = up, F = forward (where the person faces).
@@ -541,7 +540,7 @@ class Synthetic(Reader):
             raise ValueError(f'Synthetic: unknown split {split!r} (train or val)')
         train = split == 'train'
         n = int(opts.nTrainSamples if train else opts.nValSamples)
-        cap = int(getattr(opts, 'maxTrainSamples' if train else 'maxValSamples', 0) or 0)
+        cap = sample_limit(opts, split)
         if cap > 0:
             n = min(n, cap)
         self.res = int(getattr(opts, 'syntheticRes', 256))
