@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import register_model
-from .resnet import BasicBlock, load_pretrained, make_stage, resnet
+from .resnet import BasicBlock, init_conv_bn, load_pretrained, make_stage, resnet
 
 
 class PatchRegressor(nn.Module):
@@ -41,12 +41,7 @@ class PatchRegressor(nn.Module):
             stages.append(stage)
         self.blocks = nn.Sequential(*stages)
         self.fc = nn.Linear(channels, 2 * n_joints)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_conv_bn(self)
         nn.init.normal_(self.fc.weight, std=0.001)
         nn.init.constant_(self.fc.bias, 0)
 

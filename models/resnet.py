@@ -45,6 +45,16 @@ def conv1x1(in_planes, out_planes, stride=1):
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
+
+def init_conv_bn(module):
+    """torchvision's initialisation: He (fan_out) convolutions, BN weight 1 and bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions; the first carries the stride."""
     expansion = 1
@@ -135,13 +145,7 @@ class ResNet(nn.Module):
         self._init_trunk()
 
     def _init_trunk(self):
-        """torchvision's initialisation: He (fan_out) convolutions, BN weight 1 and bias 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_conv_bn(self)
 
     def features(self, x):
         """(N, 3, H, W) -> (N, out_channels, ceil(H/32), ceil(W/32))."""
