@@ -23,8 +23,7 @@ if __package__ in (None, ''):         # run as a script: make the project import
 from utils import metrics  # noqa: E402
 
 
-def _fail(path, what):
-    return SystemExit(f'error: {path}: {what}')
+_fail = metrics._fail
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,13 +37,7 @@ def eval_mpii(args):
 
 
 def _load_coco_results(path):
-    if not os.path.isfile(path):
-        raise _fail(path, 'file not found')
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _fail(path, f'not valid json ({exc})') from None
+    results = metrics.load_json(path)
     if not isinstance(results, list):
         raise _fail(path, 'expected a json list of results')
     for n, r in enumerate(results):

@@ -454,14 +454,19 @@ def oks_nms(instances, sigmas=COCO.sigmas, thr=0.9):
     return keep
 
 
-def _load_coco_gt(gt_json_path):
-    if not os.path.isfile(gt_json_path):
-        raise _fail(gt_json_path, 'file not found')
+def load_json(path):
+    """Parsed json of ``path``; a missing or unparsable file is a one-line error naming it."""
+    if not os.path.isfile(path):
+        raise _fail(path, 'file not found')
     try:
-        with open(gt_json_path) as f:
-            data = json.load(f)
+        with open(path) as f:
+            return json.load(f)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise _fail(gt_json_path, f'not valid json ({exc})') from None
+        raise _fail(path, f'not valid json ({exc})') from None
+
+
+def _load_coco_gt(gt_json_path):
+    data = load_json(gt_json_path)
     if not isinstance(data, dict) or not all(k in data for k in ('images', 'annotations',
                                                                  'categories')):
         raise _fail(gt_json_path, "not a COCO annotation file (needs 'images', 'annotations', "
