@@ -61,9 +61,10 @@ _L, _U, _F = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
 # Bone lengths and limb radii as fractions of the standing height S (ankle to head top).
 BONES = dict(thigh=0.245, shin=0.245, spine=0.31, neck=0.06, head=0.13, hip=0.085,
              shoulder=0.115, upper_arm=0.17, forearm=0.145, hand=0.075, foot=0.10)
-RADII = dict(thigh=(0.050, 0.034), shin=(0.032, 0.022), upper_arm=(0.030, 0.024),
-             forearm=(0.024, 0.018), hand=(0.021, 0.017), foot=(0.022, 0.022), neck=0.026,
+RADII = dict(thigh=(0.050, 0.034), shin=(0.032, 0.022), upper_arm=(0.034, 0.027),
+             forearm=(0.026, 0.018), hand=(0.018, 0.027), foot=(0.022, 0.022), neck=0.026,
              waist=0.10, hips=0.125, chest=0.135, chest_depth=0.07)
+OUTLINE = 0.012                       # dark contour width / standing height
 HEAD_HALF_WIDTH = 0.375                # head ellipse half width / head segment (MPII box w/h 0.75)
 
 SKIN = ((255, 224, 196), (241, 194, 160), (224, 172, 125), (198, 134, 66), (141, 85, 36),
@@ -203,13 +204,16 @@ def sample_person(seed, res):
 
         # arm: elevation t from hanging down, azimuth p (0 out, 90 forwards, 180 across the chest)
         shoulder = _comb((1.0, pts['thorax']), (1.0, _mv(r_torso, (s * bone['shoulder'], -0.015, 0.0))))
-        t = u(0, 70) if r.chance(0.5) else u(0, 170)
-        tr, pr = math.radians(t), math.radians(u(-30, 130))
+        # as for the legs, everyday poses are the most frequent and the whole range stays
+        # possible: arms mostly hang or reach moderately, a third are raised up to overhead,
+        # and the elbow folds past 90 degrees in about one arm out of six
+        t = u(0, 65) if r.chance(0.65) else u(0, 165)
+        tr, pr = math.radians(t), math.radians(u(-30, 110))
         d_upper = _mv(r_torso, (s * math.sin(tr) * math.cos(pr), -math.cos(tr), math.sin(tr) * math.sin(pr)))
         elbow = _comb((1.0, shoulder), (bone['upper_arm'], d_upper))
         g = math.radians(u(-30, 90))  # humeral rotation: the elbow bends forwards ... inwards
         ref = _mv(r_torso, (-s * math.sin(g), 0.3 * math.cos(g), math.cos(g)))
-        d_fore = _bend(d_upper, ref, u(0, 150), _mv(r_torso, _U))
+        d_fore = _bend(d_upper, ref, u(0, 95) if r.chance(0.7) else u(0, 145), _mv(r_torso, _U))
         wrist = _comb((1.0, elbow), (bone['forearm'], d_fore))
         pts[f'{side}_shoulder'], pts[f'{side}_elbow'], pts[f'{side}_wrist'] = shoulder, elbow, wrist
         pts[f'{side}_hand'] = _comb((1.0, wrist), (bone['hand'], d_fore))
@@ -389,7 +393,7 @@ def render_person(img, person, r):
     P, Z, R = person['points'], person['depths'], person['radii']
     k = person['k']
     look = _appearance(r)
-    outline = max(1.0, 0.008 * k)
+    outline = max(1.0, OUTLINE * k)
     zs = list(Z.values())
     z0, zr = sum(zs) / len(zs), max(max(zs) - min(zs), 1e-3)
 
@@ -505,7 +509,7 @@ def render(seed, res, person=None):
     r = _Draws(seed, 1)
     img = _background(r, res)
     k = person['k']
-    outline = max(1.0, 0.008 * k)
+    outline = max(1.0, OUTLINE * k)
     _limb_distractors(img, r, res, k, outline)
     # the scene behind the person is a little less contrasted than the person (depth of field,
     # lighting): clutter stays, but the figure stands out from it as in most photographs

@@ -1,6 +1,7 @@
 """End to end through main.py on tiny synthetic runs: artefacts, resume equivalence, -test,
 -summary, checkpoint errors, NaN guard, atomic checkpoints."""
 import json
+import math
 import os
 
 import pytest
@@ -37,10 +38,23 @@ def test_training_run_leaves_its_artefacts(tmp_path):
     assert {k: v for k, v in vars(again).items() if k not in skip} == {k: v for k, v in vars(first).items() if k not in skip}
 
 
-def test_resume_equals_uninterrupted_training(tmp_path):
-    run(tmp_path, 'full', '--nEpochs', '2')
-    run(tmp_path, 'part', '--nEpochs', '1')
-    run(tmp_path, 'resumed', '--nEpochs', '2', '--loadModel', str(tmp_path / 'part' / 'model_last.pth'))
+@pytest.mark.parametrize('extra', [[], ['--LRPolicy', 'cosine', '--warmupEpochs', '0.5', '--amp']],
+                         ids=['step', 'cosine-warmup-bf16'])
+def test_resume_equals_uninterrupted_training(tmp_path, monkeypatch, extra):
+    run(tmp_path, 'full', '--nEpochs', '2', *extra)
+    # the same 2-epoch run, interrupted when the second epoch starts (the cosine schedule
+    # depends on nEpochs, so the interrupted run must be the same run)
+    train_epoch = trainer_module.Trainer.train_epoch
+
+    def interrupted(self):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return train_epoch(self)
+    monkeypatch.setattr(trainer_module.Trainer, 'train_epoch', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, 'part', '--nEpochs', '2', *extra)
+    monkeypatch.setattr(trainer_module.Trainer, 'train_epoch', train_epoch)
+    run(tmp_path, 'resumed', '--nEpochs', '2', '--loadModel', str(tmp_path / 'part' / 'model_last.pth'), *extra)
     full = torch.load(tmp_path / 'full' / 'model_last.pth', weights_only=True)
     resumed = torch.load(tmp_path / 'resumed' / 'model_last.pth', weights_only=True)
     assert full['epoch'] == resumed['epoch'] == 2
@@ -146,3 +160,19 @@ def test_loader_workers_survive_several_epochs_with_drawing(tmp_path):
     r = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-500:]
     assert (tmp_path / 'w' / 'log.txt').read_text().count('| val') == 3
+
+
+def test_learning_rate_policies():
+    lr_at = trainer_module.lr_at
+    step = options.parse(['--LR', '0.1', '--LRSteps', '2,3', '--dropMag', '0.5', '--nEpochs', '4'])
+    assert [lr_at(step, e, 0.9) for e in range(4)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
+    cos = options.parse(['--LR', '0.1', '--LRPolicy', 'cosine', '--nEpochs', '4'])
+    # a half cosine over the whole run, evaluated at every iteration
+    assert lr_at(cos, 0) == pytest.approx(0.1)
+    assert lr_at(cos, 1, 0.0) == pytest.approx(0.05 * (1 + 2 ** -0.5))
+    assert lr_at(cos, 2, 0.0) == pytest.approx(0.05)
+    assert lr_at(cos, 3, 0.5) == pytest.approx(0.05 * (1 + math.cos(math.pi * 3.5 / 4)))
+    warm = options.parse(['--LR', '0.1', '--LRPolicy', 'cosine', '--nEpochs', '4', '--warmupEpochs', '0.5'])
+    assert lr_at(warm, 0, 0.0) == 0.0
+    assert lr_at(warm, 0, 0.25) == pytest.approx(0.5 * lr_at(cos, 0, 0.25))
+    assert lr_at(warm, 0, 0.5) == pytest.approx(lr_at(cos, 0, 0.5))

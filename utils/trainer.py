@@ -36,13 +36,22 @@ def pick_device(gpuid):
     return torch.device('cpu')
 
 
-def lr_at(opts, epoch):
-    """Learning rate of (0-based) ``epoch``: multi-step (LRSteps) or every dropLR epochs."""
-    if opts.LRSteps:
-        return opts.LR * opts.dropMag ** sum(epoch >= s for s in opts.LRSteps)
-    if opts.dropLR > 0:
-        return opts.LR * opts.dropMag ** (epoch // opts.dropLR)
-    return opts.LR
+def lr_at(opts, epoch, progress=0.0):
+    """Learning rate at (0-based) ``epoch`` plus ``progress`` in [0, 1) of it: a linear warm-up over
+    warmupEpochs, then the step policy (multi-step LRSteps or every dropLR epochs, constant within
+    an epoch) or the cosine policy (a half cosine from LR to 0 over nEpochs)."""
+    t = epoch + progress
+    if opts.LRPolicy == 'cosine':
+        lr = 0.5 * opts.LR * (1.0 + math.cos(math.pi * min(t / max(opts.nEpochs, 1), 1.0)))
+    elif opts.LRSteps:
+        lr = opts.LR * opts.dropMag ** sum(epoch >= s for s in opts.LRSteps)
+    elif opts.dropLR > 0:
+        lr = opts.LR * opts.dropMag ** (epoch // opts.dropLR)
+    else:
+        lr = opts.LR
+    if t < opts.warmupEpochs:
+        lr *= t / opts.warmupEpochs
+    return lr
 
 
 def build_optimizer(opts, params):
@@ -144,8 +153,10 @@ class Trainer:
             ids = [self.device.index] if self.device.type == 'cuda' else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = build_optimizer(opts, self.model.parameters())
-        self.amp = bool(opts.amp and self.device.type == 'cuda')
-        self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp)
+        # --amp: float16 with loss scaling on CUDA; bfloat16 (no scaling needed) on the CPU
+        self.amp = bool(opts.amp)
+        self.amp_dtype = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
+        self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp and self.device.type == 'cuda')
         self.epoch = 0          # epochs completed
         self.best = -math.inf
         self.best_epoch = -1
@@ -217,16 +228,14 @@ class Trainer:
                           persistent_workers=False, worker_init_fn=_worker_init if opts.nThreads else None)
 
     def forward(self, images, net=None):
-        with torch.autocast(device_type='cuda', dtype=torch.float16, enabled=self.amp):
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             out = (net or self.net)(images)
         return [o.float() for o in out]
 
     def train_epoch(self):
         opts = self.opts
         self.net.train()
-        lr = lr_at(opts, self.epoch)
-        for group in self.optimizer.param_groups:
-            group['lr'] = lr
+        lr = epoch_lr = lr_at(opts, self.epoch)
         self.train_set.epoch = self.epoch
         loader = self.loader(self.train_set, train=True)
         bar = self._bar(loader, f'epoch {self.epoch + 1}/{opts.nEpochs} train')
@@ -235,6 +244,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         steps = len(loader)
         for it, (images, target, weight, _) in enumerate(bar):
+            lr = lr_at(opts, self.epoch, it / steps)
+            for group in self.optimizer.param_groups:
+                group['lr'] = lr
             images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
             target = target.to(self.device, non_blocking=True)
             weight = weight.to(self.device, non_blocking=True)
@@ -262,7 +274,7 @@ class Trainer:
                 bar.set_postfix(loss=f'{total_loss / n_seen:.3g}', acc=f'{total_acc / max(n_acc, 1):.3f}',
                                 ips=f'{n_seen / (time.time() - start):.1f}', lr=f'{lr:.2g}', refresh=False)
         return dict(loss=total_loss / max(n_seen, 1), acc=total_acc / max(n_acc, 1) if n_acc else None,
-                    lr=lr, seconds=time.time() - start, images_per_s=n_seen / max(time.time() - start, 1e-9))
+                    lr=epoch_lr, seconds=time.time() - start, images_per_s=n_seen / max(time.time() - start, 1e-9))
 
     @torch.no_grad()
     def predict(self, dataset, flip_test=False):
