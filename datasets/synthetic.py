@@ -275,6 +275,7 @@ _SHIFT = 4            # cv2 fractional bits: coordinates are drawn with 1/16 pix
 _ONE = 1 << _SHIFT
 _AA = cv2.LINE_AA
 _ARC = np.linspace(-np.pi / 2, np.pi / 2, 9)     # half circle, for capsule ends
+_HALF = np.stack([np.cos(_ARC), np.sin(_ARC)], 1)  # its unit vectors, facing +x
 
 
 def _fix(p):
@@ -287,12 +288,16 @@ def _colour(c, f=1.0):
 
 def _capsule_polygon(a, b, ra, rb):
     """Vertices (N, 2) int32 (fixed point) of a tapered capsule: half discs at a and b, joined."""
-    ang = math.atan2(b[1] - a[1], b[0] - a[0])
-    t = np.concatenate([_ARC + ang, _ARC + ang + np.pi])
-    rad = np.repeat([rb, ra], len(_ARC))
-    cx = np.repeat([b[0], a[0]], len(_ARC))
-    cy = np.repeat([b[1], a[1]], len(_ARC))
-    return (np.stack([cx + rad * np.cos(t), cy + rad * np.sin(t)], 1) * _ONE + 0.5).astype(np.int32)
+    dx, dy = b[0] - a[0], b[1] - a[1]
+    norm = math.hypot(dx, dy)
+    c, s = (dx / norm, dy / norm) if norm > 0 else (1.0, 0.0)
+    half = _HALF @ np.array([[c, s], [-s, c]])      # the half circle turned to face a -> b
+    pts = np.empty((2 * len(_ARC), 2))
+    pts[:len(_ARC)] = (b[0], b[1])
+    pts[:len(_ARC)] += rb * half
+    pts[len(_ARC):] = (a[0], a[1])
+    pts[len(_ARC):] -= ra * half
+    return (pts * _ONE + 0.5).astype(np.int32)
 
 
 def _capsule(img, a, b, ra, rb, colour, outline=0.0, dark=None):

@@ -28,10 +28,10 @@ class StackedHourglass(nn.Module):
     stride = 4
 
     def __init__(self, num_joints=16, num_stacks=8, num_modules=1, channels=256, num_reductions=4,
-                 make_block=residual_factory, make_merge=add_merge):
+                 make_block=residual_factory, make_merge=add_merge, stem_channels=128):
         super().__init__()
         self.num_stacks = num_stacks
-        self.stem = Stem(channels, make_block)
+        self.stem = Stem(channels, make_block, width=stem_channels)
         self.hourglasses = nn.ModuleList(
             Hourglass(num_reductions, channels, make_block, num_modules, make_merge=make_merge)
             for _ in range(num_stacks))
@@ -42,7 +42,8 @@ class StackedHourglass(nn.Module):
     @classmethod
     def from_opts(cls, opts):
         return cls(num_joints=opts.nJoints, num_stacks=opts.nStack, num_modules=opts.nModules,
-                   channels=opts.nChannels, num_reductions=opts.nReductions)
+                   channels=opts.nChannels, num_reductions=opts.nReductions,
+                   stem_channels=opts.stemChannels)
 
     def forward(self, x):
         x = self.stem(x)

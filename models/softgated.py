@@ -85,6 +85,7 @@ class SoftGatedHourglass(StackedHourglass):
     divisible by ``4 * 2 ** num_reductions``; ``channels`` divisible by 4.
     """
 
-    def __init__(self, num_joints=16, num_stacks=4, num_modules=1, channels=144, num_reductions=4):
+    def __init__(self, num_joints=16, num_stacks=4, num_modules=1, channels=144, num_reductions=4,
+                 stem_channels=128):
         super().__init__(num_joints, num_stacks, num_modules, channels, num_reductions,
-                         make_block=soft_gated_factory, make_merge=ConcatMerge)
+                         make_block=soft_gated_factory, make_merge=ConcatMerge, stem_channels=stem_channels)

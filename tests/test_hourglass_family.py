@@ -151,6 +151,21 @@ def test_from_opts_builds_the_named_class(name):
     assert len(out) == 2 and out[-1].shape == (1, 17, 16, 16)
 
 
+def test_stem_channels_narrow_only_the_stem():
+    args = ['--nStack', '2', '--nChannels', '16', '--nReductions', '2']
+    paper = build_model(opts.parse(args))
+    narrow = build_model(opts.parse(args + ['--stemChannels', '8']))
+    assert first_conv(paper).out_channels == 64 and first_conv(narrow).out_channels == 4
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}
+    outside = lambda d: {k: v for k, v in d.items() if not k.startswith('stem.')}
+    assert outside(shapes(narrow)) == outside(shapes(paper))
+    assert shapes(narrow)['stem.block3.skip.weight'] == (16, 8, 1, 1)
+    assert count_parameters(narrow) < count_parameters(paper)
+    with torch.no_grad():
+        out = narrow.eval()(torch.randn(1, 3, RES, RES))
+    assert [o.shape for o in out] == [(1, 16, 16, 16)] * 2
+
+
 def test_pose_attention_is_not_the_plain_hourglass():
     o = opts.parse(['--model', 'PoseAttention', '--nStack', '2', '--nChannels', '16', '--nReductions', '2'])
     model = build_model(o)
