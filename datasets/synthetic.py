@@ -539,7 +539,7 @@ class Synthetic(Reader):
     when non-zero; images are ``opts.syntheticRes`` pixels square. A record holds, besides the
     Reader fields (image None, center (2,), scale (2,), joints (16, 2), visible (16,)):
     head_size (float, PCKh normaliser), seed (int, what ``load_image`` renders from), facing
-    (bool, the person faces the camera) and index.
+    (bool, the person faces the camera), index, and person (``sample_person``'s dict).
     """
     joint_set = MPII
 
@@ -563,11 +563,12 @@ class Synthetic(Reader):
         return dict(image=None, seed=seed, index=index, center=p['center'].astype(np.float32),
                     scale=np.array([side, side], np.float32), joints=p['joints'].astype(np.float32),
                     visible=p['visible'].astype(np.float32), head_size=float(p['head_size']),
-                    facing=bool(p['facing']))
+                    facing=bool(p['facing']), person=p)
 
     def load_image(self, record):
-        """-> uint8 RGB (res, res, 3), rendered from the record's seed (deterministic)."""
-        return render(record['seed'], self.res)
+        """-> uint8 RGB (res, res, 3), rendered from the record's seed (deterministic); the
+        person's geometry kept in the record (``person``) spares drawing it again every epoch."""
+        return render(record['seed'], self.res, record.get('person'))
 
     def export(self, out_dir, n):
         """Write the first ``n`` records in the HRNet / SimpleBaselines MPII json layout.

@@ -20,7 +20,7 @@ CHECKPOINT_FORMAT = 1
 # different model gives one line naming what differs.
 ARCH_KEYS = ('model', 'nJoints', 'nStack', 'nModules', 'nChannels', 'nReductions', 'baseName',
              'nStages', 'modelName', 'ohKernel', 'hhKernel', 'baseWidth', 'cardinality',
-             'LRNSize', 'IterSize', 'TargetType')
+             'LRNSize', 'IterSize', 'TargetType', 'stemChannels')
 
 
 class TrainingError(SystemExit):
