@@ -112,7 +112,7 @@ def build_parser():
     g.add_argument('--nStack', type=_ranged(int, 1), default=8, help='number of stacked hourglasses')
     g.add_argument('--nModules', type=_ranged(int, 1), default=1, help='residual modules at each hourglass resolution')
     g.add_argument('--nReductions', type=_ranged(int, 1), default=4, help='downsamplings inside one hourglass')
-    g.add_argument('--stemChannels', type=_ranged(int, 2), default=128, help="StackedHourGlass: width of the stem's residuals before the first hourglass (the paper's 128; its 7x7 conv has half)")
+    g.add_argument('--stemChannels', type=_ranged(int, 2), default=128, help="StackedHourGlass and SoftGatedHourglass: width of the stem's residuals before the first hourglass (the paper's 128; its 7x7 conv has half); PyraNet and PoseAttention keep their papers' stems")
     g.add_argument('--baseName', default='resnet50', help='ResNet backbone (resnet18/34/50/101/152)')
     g.add_argument('--pretrained', default=None, help="ImageNet weights for the backbone: a .pth path, or 'download'")
     g.add_argument('--TargetType', default='heatmap', choices=['heatmap', 'direct'], help='what the model regresses (DeepPose: direct)')
