@@ -1,8 +1,11 @@
 """Train, resume, test or summarise a pose model chosen by two config files.
 
     python main.py -DataConfig conf/datasets/mpii.defconf -ModelConfig conf/models/hourglass.defconf
+    python main.py -test --loadModel exp/<id>/model_best.pth          (the checkpoint describes itself)
+
+Library code raises ``utils.errors.PoseError``; this entry point prints it as one line,
+``error: <message>``, and exits with status 1.
 """
-import json
 import os
 import sys
 
@@ -11,44 +14,50 @@ import torch
 import opts as options
 from datasets import build_dataset, build_reader
 from datasets.codecs import build_codec
-from models import build_model
-from utils import metrics
-from utils.trainer import Trainer, TrainingError, load_checkpoint, check_compatible, load_weights
-
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
+from models import build_model, count_parameters
+from utils import checkpoint, metrics
+from utils.errors import ConfigError, DatasetError, PoseError, TrainingError
+from utils.io import RunFolder, write_json, write_text
+from utils.predictor import Predictor, options_namespace, pick_device
+from utils.trainer import Trainer, evaluate, write_vis
 
 
 def gflops(model, input_res):
     """Multiply-accumulates of one forward pass, in billions (the 'GFLOPs' of pose papers'
-    tables, e.g. SimpleBaseline-R50 at 256x192 = 8.9)."""
+    tables, e.g. SimpleBaseline-R50 at 256x192 = 8.9). input_res: (height, width)."""
     from torch.utils.flop_counter import FlopCounterMode
-    x = torch.zeros(1, 3, input_res, input_res)
+    x = torch.zeros(1, 3, input_res[0], input_res[1])
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         out = model(x)
     return counter.get_total_flops() / 2e9, out
 
 
 def summary(opts):
-    model = build_model(opts).eval()
+    model = build_model(options_namespace(opts, pretrained=None)).eval()
     params = count_parameters(model)
     g, out = gflops(model, opts.inputRes)
     print(f'model: {opts.model} ({type(model).__name__}), target: {model.target}, joints: {opts.nJoints}')
     print(f'parameters: {params}')
-    print(f'GFLOPs: {g:.3f} (multiply-accumulates for one {opts.inputRes}x{opts.inputRes} input)')
+    print(f'GFLOPs: {g:.3f} (multiply-accumulates for one {opts.inputRes.height}x{opts.inputRes.width} input)')
     for i, o in enumerate(out):
         print(f'output {i}: {tuple(o.shape)}')
     return params
 
 
-def check_data_fits(opts, model, reader):
+def check_data_fits(opts, reader):
     k = reader.joint_set.num_joints
     if k != opts.nJoints:
-        raise TrainingError(f'--nJoints {opts.nJoints} does not match dataset {opts.dataset} ({k} joints)')
-    if model.target == 'heatmap' and opts.outputRes * model.stride != opts.inputRes:
-        raise TrainingError(f'--inputRes {opts.inputRes} / --outputRes {opts.outputRes} does not match the output '
-                            f'stride {model.stride} of {opts.model} (expected outputRes {opts.inputRes // model.stride})')
+        raise ConfigError(f'--nJoints {opts.nJoints} does not match dataset {opts.dataset} ({k} joints)')
+
+
+def check_images(*readers):
+    """Every image file of the splits exists (before any work: a missing validation image would
+    otherwise end the run at its first evaluation)."""
+    for reader in readers:
+        missing = reader.missing_images()
+        if missing:
+            raise DatasetError(f'{reader.registry_name} {reader.split}: {len(missing)} image file'
+                               f'{"s" if len(missing) > 1 else ""} not found, e.g. {missing[0]}')
 
 
 def print_table(title, table):
@@ -57,51 +66,86 @@ def print_table(title, table):
         print(metrics.format_per_joint(table))
 
 
-def run_test(opts, trainer, exp_dir):
+def resolve(argv):
+    """-> (opts, checkpoint or None). With --loadModel, the checkpoint's recorded options are the
+    defaults: the config files and the command line still win over them."""
+    opts = options.parse(argv)
     if not opts.loadModel:
-        raise TrainingError('-test needs --loadModel PATH (a checkpoint to evaluate)')
-    ckpt = load_checkpoint(opts.loadModel)
-    check_compatible(ckpt, opts, opts.loadModel)
-    load_weights(trainer.model, ckpt['state_dict'], opts.loadModel)
-    result = trainer.evaluate()
-    reader = trainer.val_set.reader
-    pred_path = reader.save_predictions(result['preds'], result['scores'], result['indices'], exp_dir)
-    with open(os.path.join(exp_dir, 'test_metrics.json'), 'w') as f:
-        json.dump(dict(checkpoint=opts.loadModel, flipTest=opts.flipTest, headline=result['headline'],
-                       table=result['table']), f, indent=1)
-    text = metrics.format_table(result['table'], title=f'{opts.dataset} validation, {opts.loadModel}'
-                                + (' (flip test)' if opts.flipTest else ''))
-    with open(os.path.join(exp_dir, 'test_metrics.txt'), 'w') as f:
-        f.write(text + '\n')
-    print_table(f'{opts.dataset} validation, {opts.loadModel}' + (' (flip test)' if opts.flipTest else ''),
-                result['table'])
-    trainer.write_vis(result)
-    print(f'predictions: {pred_path}')
+        return opts, None
+    ckpt = checkpoint.load(opts.loadModel)
+    defaults = checkpoint.config_defaults(ckpt)
+    if defaults:
+        for key in ('expDir', 'expID'):        # the run folder follows the checkpoint (see run_folder)
+            defaults.pop(key, None)
+        opts = options.parse(argv, defaults=defaults)
+    return opts, ckpt
+
+
+def run_folder(opts):
+    """expDir/expID; without --expID, the checkpoint's own folder when one is loaded (-test, resume)."""
+    if opts.expID is None:
+        if opts.loadModel and not opts.finetune:
+            folder = os.path.dirname(os.path.abspath(opts.loadModel))
+            opts.expDir, opts.expID = os.path.dirname(folder), os.path.basename(folder)
+            return folder
+        opts.expID = 'default'
+    return os.path.join(opts.expDir, opts.expID)
+
+
+def build(opts, ckpt):
+    """Model (with the checkpoint's weights when one is loaded), codec and the validation reader."""
+    torch.manual_seed(opts.seed)
+    # a checkpoint's weights replace the ImageNet ones: do not read --pretrained then
+    model = build_model(options_namespace(opts, pretrained=None) if ckpt is not None else opts)
+    codec = build_codec(opts, model)
+    val_reader = build_reader(opts, 'val')
+    check_data_fits(opts, val_reader)
+    return model, codec, val_reader
+
+
+def run_test(opts, ckpt):
+    if ckpt is None:
+        raise ConfigError('-test needs --loadModel PATH (a checkpoint to evaluate)')
+    exp_dir = run_folder(opts)
+    os.makedirs(exp_dir, exist_ok=True)
+    model, codec, reader = build(opts, ckpt)
+    checkpoint.check_compatible(ckpt, model, opts.loadModel)
+    checkpoint.load_weights(model, ckpt['state_dict'], opts.loadModel)
+    check_images(reader)
+    val_set = build_dataset(opts, 'val', codec, reader)
+    predictor = Predictor(model, codec, device=pick_device(opts.gpuid), amp=opts.amp, flip_test=opts.flipTest,
+                          joint_set=reader.joint_set)
+    result = evaluate(predictor, val_set, opts, keep=opts.visCount)
+    pred_path = reader.save_all(result['predictions'], exp_dir)
+    title = f'{opts.dataset} validation, {opts.loadModel}' + (' (flip test)' if opts.flipTest else '')
+    write_json(os.path.join(exp_dir, 'test_metrics.json'),
+               dict(checkpoint=opts.loadModel, flipTest=opts.flipTest, headline=result['headline'], table=result['table']))
+    write_text(os.path.join(exp_dir, 'test_metrics.txt'), metrics.format_table(result['table'], title=title) + '\n')
+    print_table(title, result['table'])
+    write_vis(os.path.join(exp_dir, 'test_vis.png'), result, reader.joint_set)
+    print(f'predictions: {pred_path}; results in {exp_dir} (test_metrics.json, test_metrics.txt, test_vis.png)')
     return result
 
 
-def main(argv=None):
-    opts = options.parse(argv)
-    if opts.summary:
-        summary(opts)
-        return None
-    torch.manual_seed(opts.seed)
-    exp_dir = os.path.join(opts.expDir, opts.expID)
-    os.makedirs(exp_dir, exist_ok=True)
-    model = build_model(opts)
-    codec = build_codec(model.target, opts)
-    val_reader = build_reader(opts, 'val')
-    check_data_fits(opts, model, val_reader)
-    val_set = build_dataset(opts, 'val', codec, val_reader)
-    if opts.test:
-        trainer = Trainer(opts, model, codec, None, val_set, exp_dir)
-        return run_test(opts, trainer, exp_dir)
-    train_set = build_dataset(opts, 'train', codec)
-    options.write_defconf(opts, os.path.join(exp_dir, 'config.defconf'))
-    trainer = Trainer(opts, model, codec, train_set, val_set, exp_dir)
-    if opts.loadModel:
-        trainer.resume(opts.loadModel, finetune=opts.finetune)
-    result = trainer.fit()
+def run_train(opts, ckpt):
+    exp_dir = run_folder(opts)
+    resuming = ckpt is not None and not opts.finetune
+    if resuming and int(ckpt.get('epoch', 0)) >= opts.nEpochs:
+        raise TrainingError(f'--loadModel {opts.loadModel} has already trained {int(ckpt["epoch"])} epochs and '
+                            f'--nEpochs is {opts.nEpochs}: nothing to do (raise --nEpochs to train longer); '
+                            f'nothing was changed')
+    with RunFolder(exp_dir).claim(resume_from=opts.loadModel if resuming else None, overwrite=opts.overwrite):
+        model, codec, val_reader = build(opts, ckpt)
+        if ckpt is not None:
+            checkpoint.check_compatible(ckpt, model, opts.loadModel)
+        val_set = build_dataset(opts, 'val', codec, val_reader)
+        train_set = build_dataset(opts, 'train', codec)
+        check_images(train_set.reader, val_reader)
+        options.write_defconf(opts, os.path.join(exp_dir, 'config.defconf'))
+        trainer = Trainer(opts, model, codec, train_set, val_set, exp_dir)
+        if ckpt is not None:
+            trainer.resume(ckpt, opts.loadModel, finetune=opts.finetune)
+        result = trainer.fit()
     if result is not None:
         print_table(f'{opts.dataset} validation after epoch {trainer.epoch} '
                     f'(best {trainer.best:.2f} at epoch {trainer.best_epoch})', result['table'])
@@ -109,8 +153,20 @@ def main(argv=None):
     return result
 
 
+def main(argv=None):
+    opts, ckpt = resolve(argv)
+    if opts.summary:
+        summary(opts)
+        return None
+    if opts.test:
+        return run_test(opts, ckpt)
+    return run_train(opts, ckpt)
+
+
 if __name__ == '__main__':
     try:
         main()
+    except PoseError as exc:
+        sys.exit(f'error: {exc}')
     except KeyboardInterrupt:
         sys.exit('interrupted; the last checkpoint written is kept')

@@ -5,10 +5,13 @@ Options come from, in rising priority: the defaults below, ``-DataConfig``, ``-M
 value wins), and the command line. The option names are the public interface inherited from the
 older framework our users come from, and keep their spelling.
 """
-import difflib
+import io
 import sys
 
 import configargparse
+
+from utils.errors import ConfigError, did_you_mean
+from utils.io import write_text
 
 # Keys that older config files hold and that no longer do anything: accepted with a warning.
 DEAD_KEYS = {
@@ -29,11 +32,64 @@ def _bool(v):
     raise configargparse.ArgumentTypeError(f'expected a boolean, got {v!r}')
 
 
+_bool.__name__ = 'boolean'
+
+
 def _int_list(v):
     if isinstance(v, (list, tuple)):
         return [int(x) for x in v]
     s = str(v).strip().strip('[]')
     return [int(x) for x in s.replace(',', ' ').split()] if s else []
+
+
+_int_list.__name__ = 'list of integers'
+
+
+class Resolution(tuple):
+    """An image size (height, width), written as the papers write it: ``256x192`` (height x
+    width) or one number for a square. ``.wh`` is (width, height), the order OpenCV takes."""
+
+    def __new__(cls, height, width=None):
+        return super().__new__(cls, (int(height), int(height if width is None else width)))
+
+    @property
+    def height(self):
+        return self[0]
+
+    @property
+    def width(self):
+        return self[1]
+
+    @property
+    def wh(self):
+        return (self[1], self[0])
+
+    def __str__(self):
+        return str(self[0]) if self[0] == self[1] else f'{self[0]}x{self[1]}'
+
+    __repr__ = __str__
+
+
+def resolution(minimum):
+    """Option type: 'HxW' or 'N' -> Resolution, each side at least ``minimum``."""
+    def parse(v):
+        if isinstance(v, (tuple, list)):
+            parts = [int(x) for x in v]
+        else:
+            text = str(v).strip().lower().replace(' ', '')
+            parts = text.replace(',', 'x').split('x')
+            try:
+                parts = [int(p) for p in parts]
+            except ValueError:
+                raise configargparse.ArgumentTypeError(f'expected HEIGHTxWIDTH or one number, got {v!r}') from None
+        if len(parts) not in (1, 2):
+            raise configargparse.ArgumentTypeError(f'expected HEIGHTxWIDTH or one number, got {v!r}')
+        size = Resolution(*parts)
+        if min(size) < minimum:
+            raise configargparse.ArgumentTypeError(f'{size}: each side must be at least {minimum}')
+        return size
+    parse.__name__ = 'resolution'
+    return parse
 
 
 def _ranged(kind, lo=None, hi=None):
@@ -47,23 +103,50 @@ def _ranged(kind, lo=None, hi=None):
 
 
 class _CheckedConfigParser(configargparse.DefaultConfigFileParser):
-    """configargparse's ``key: value`` / ``key = value`` parser, which also rejects unknown keys
-    with one line naming the file, the key and the closest valid key."""
-    known = set()
+    """configargparse's ``key: value`` / ``key = value`` parser that also checks every line: an
+    unknown key (with the closest valid key) or a value of the wrong type is a ``ConfigError``
+    naming the file and the line."""
+    actions = {}
 
     def parse(self, stream):
-        items = super().parse(stream)
         name = getattr(stream, 'name', '<config>')
-        for key in items:
-            if key not in self.known:
-                close = difflib.get_close_matches(key, self.known, n=1)
-                hint = f'; did you mean {close[0]!r}?' if close else ''
-                sys.exit(f'error: {name}: unknown key {key!r}{hint}')
+        items = {}
+        for line_no, line in enumerate(stream, 1):
+            for key, value in super().parse(io.StringIO(line)).items():
+                where = f'{name}: line {line_no}'
+                if key not in self.actions:
+                    raise ConfigError(f'{name}: unknown key {key!r}{did_you_mean(key, self.actions)}')
+                self._check(where, key, value, bare=line.split('#')[0].strip() == key)
+                items.pop(key, None)                # the last value of a repeated key wins
+                items[key] = value
         return items
+
+    def _check(self, where, key, value, bare=False):
+        action = self.actions[key]
+        kind = action.type
+        if not isinstance(value, str):
+            return
+        if bare and kind is not _bool:
+            raise ConfigError(f'{where}: {key} needs a value')
+        converted = value
+        if kind is not None:
+            try:
+                converted = kind(value)
+            except (configargparse.ArgumentTypeError, ValueError, TypeError) as exc:
+                raise ConfigError(f'{where}: {key}: invalid {kind.__name__} value {value!r} ({exc})') from None
+        if action.choices is not None and converted not in action.choices:
+            raise ConfigError(f'{where}: {key}: {value!r} is not one of {", ".join(map(str, action.choices))}')
+
+
+class _Parser(configargparse.ArgumentParser):
+    """Errors are raised as ``ConfigError`` (the entry points print them), never ``sys.exit``."""
+
+    def error(self, message):
+        raise ConfigError(message)
 
 
 def build_parser():
-    p = configargparse.ArgumentParser(
+    p = _Parser(
         description='2D human pose estimation: train, resume, test and inspect pose models.',
         config_file_parser_class=_CheckedConfigParser,
         formatter_class=configargparse.ArgumentDefaultsHelpFormatter,
@@ -76,8 +159,9 @@ def build_parser():
     g.add_argument('-test', action='store_true', help='evaluate the checkpoint given by --loadModel on the validation split and exit')
     g.add_argument('-summary', action='store_true', help='print parameter count, GFLOPs and output shapes of the model, then exit')
     g.add_argument('--expDir', default='exp', help='root folder of experiments')
-    g.add_argument('--expID', default='default', help='experiment name; the run folder is expDir/expID')
-    g.add_argument('--loadModel', default=None, help='checkpoint to resume from (model, optimiser, schedule, epoch, best score, random state)')
+    g.add_argument('--expID', default=None, help="experiment name; the run folder is expDir/expID (default: 'default'; with --loadModel, the checkpoint's own folder)")
+    g.add_argument('--loadModel', default=None, help='checkpoint to resume from (model, optimiser, schedule, epoch, best score, random state); its recorded options become the defaults, so -test and resuming need no config files')
+    g.add_argument('--overwrite', type=_bool, nargs='?', const=True, default=False, help="train into a run folder that already holds another run's checkpoints, replacing them")
     g.add_argument('--finetune', type=_bool, nargs='?', const=True, default=False, help='with --loadModel: load the model weights alone and start a new schedule')
     g.add_argument('--seed', type=int, default=0, help='random seed of weights, sampling and augmentation')
     g.add_argument('--gpuid', type=int, default=0, help='CUDA device index; -1 runs on the CPU (also the fallback when CUDA is absent)')
@@ -90,8 +174,8 @@ def build_parser():
     g.add_argument('--dataset', default='Synthetic', help='registered dataset name (Synthetic, MPII, COCO, LSP, LIP)')
     g.add_argument('--dataDir', default='data', help='root folder of the dataset files')
     g.add_argument('--nJoints', type=_ranged(int, 1), default=16, help='number of keypoints the model predicts (must match the dataset)')
-    g.add_argument('--inputRes', type=_ranged(int, 16), default=256, help='side of the square input crop in pixels')
-    g.add_argument('--outputRes', type=_ranged(int, 4), default=64, help='side of the square output heatmap')
+    g.add_argument('--inputRes', type=resolution(16), default=Resolution(256), help='input crop size in pixels, HEIGHTxWIDTH (256x192) or one number for a square; the person box is extended to its aspect ratio')
+    g.add_argument('--outputRes', type=resolution(4), default=Resolution(64), help='heatmap size, HEIGHTxWIDTH (64x48) or one number for a square')
     g.add_argument('--hmGauss', type=_ranged(float, 0.1), default=2.0, help='sigma of the target Gaussian in heatmap pixels')
     g.add_argument('--maxScale', type=_ranged(float, 0.0, 0.9), default=0.25, help='scale augmentation: factor clipped to 1 +/- maxScale')
     g.add_argument('--maxRotate', type=_ranged(float, 0.0, 180.0), default=30.0, help='rotation augmentation in degrees (std; clipped at 2x)')
@@ -115,7 +199,7 @@ def build_parser():
     g.add_argument('--stemChannels', type=_ranged(int, 2), default=128, help="StackedHourGlass and SoftGatedHourglass: width of the stem's residuals before the first hourglass (the paper's 128; its 7x7 conv has half); PyraNet and PoseAttention keep their papers' stems")
     g.add_argument('--baseName', default='resnet50', help='ResNet backbone (resnet18/34/50/101/152)')
     g.add_argument('--pretrained', default=None, help="ImageNet weights for the backbone: a .pth path, or 'download'")
-    g.add_argument('--TargetType', default='heatmap', choices=['heatmap', 'direct'], help='what the model regresses (DeepPose: direct)')
+    g.add_argument('--TargetType', default=None, choices=['heatmap', 'direct'], help='accepted from older configs: the model decides what it predicts (heatmap for heatmap models, direct coordinates for DeepPose); a value that contradicts the model is an error')
     g.add_argument('--nStages', type=_ranged(int, 1), default=1, help='DeepPose: cascade stages')
     g.add_argument('--modelName', default='resnet34', help='ChainedPredictions: encoder')
     g.add_argument('--ohKernel', type=_ranged(int, 1), default=3, help='ChainedPredictions: output-to-hidden kernel')
@@ -157,13 +241,21 @@ def build_parser():
     for key, why in DEAD_KEYS.items():
         g.add_argument(f'--{key}', default=None, help=f'no longer does anything ({why})')
 
-    _CheckedConfigParser.known = {a.dest for a in p._actions if a.option_strings} - {'help', 'DataConfig', 'ModelConfig'}
+    _CheckedConfigParser.actions = {a.dest: a for a in p._actions if a.option_strings
+                                    and a.dest not in ('help', 'DataConfig', 'ModelConfig')}
     return p
 
 
-def parse(argv=None):
-    """Parse the command line (and the config files it names) into an options namespace."""
+def parse(argv=None, defaults=None):
+    """Parse the command line (and the config files it names) into an options namespace.
+
+    defaults: {option: value as text} that replace the built-in defaults (a checkpoint's recorded
+    options); the config files and the command line still win over them.
+    """
     parser = build_parser()
+    if defaults:
+        known = {a.dest for a in parser._actions}
+        parser.set_defaults(**{k: v for k, v in defaults.items() if k in known})
     opts = parser.parse_args(argv)
     for key, why in DEAD_KEYS.items():
         if getattr(opts, key) is not None:
@@ -171,21 +263,34 @@ def parse(argv=None):
     return opts
 
 
-def write_defconf(opts, path):
-    """Write the resolved options as one .defconf that reproduces the run on its own."""
-    parser = build_parser()
-    skip = {'help', 'DataConfig', 'ModelConfig', 'loadModel', 'test', 'summary'} | set(DEAD_KEYS)
-    lines = ['# resolved options of this run; reproduce it with: python main.py -DataConfig <this file>']
-    for action in parser._actions:
-        if not action.option_strings or action.dest in skip:
+# Options that describe how a run was started rather than what it is: not written to a run's
+# config.defconf or a checkpoint's config.
+RUN_MODE = ('help', 'DataConfig', 'ModelConfig', 'loadModel', 'test', 'summary', 'overwrite')
+
+
+def _text(value):
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, list):
+        return ','.join(str(v) for v in value)
+    return str(value)
+
+
+def as_text(opts):
+    """{option: value as text} for every resolved option (None values left out), in declaration
+    order: what a run's config.defconf holds and what a checkpoint records."""
+    out = {}
+    for action in build_parser()._actions:
+        if not action.option_strings or action.dest in RUN_MODE or action.dest in DEAD_KEYS:
             continue
         value = getattr(opts, action.dest, None)
-        if value is None:
-            continue
-        if isinstance(value, list):
-            value = ','.join(str(v) for v in value)
-        if isinstance(value, bool):
-            value = 'true' if value else 'false'
-        lines.append(f'{action.dest}: {value}')
-    with open(path, 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+        if value is not None:
+            out[action.dest] = _text(value)
+    return out
+
+
+def write_defconf(opts, path):
+    """Write the resolved options as one .defconf that reproduces the run on its own."""
+    lines = ['# resolved options of this run; reproduce it with: python main.py -DataConfig <this file> --expID <new name>']
+    lines += [f'{k}: {v}' for k, v in as_text(opts).items()]
+    write_text(path, '\n'.join(lines) + '\n')

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import opts as options  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 from datasets.codecs import build_codec  # noqa: E402
-from models import available, build_model  # noqa: E402
+from models import available, build_model, count_parameters  # noqa: E402
 from utils.trainer import Trainer  # noqa: E402
 
 # Reduced widths: the same family shape as each paper's model, small enough for a CPU.
@@ -30,7 +30,7 @@ SETTINGS = {
     'PoseAttention': ['--nStack', '2', '--nChannels', '64', '--nReductions', '3', '--LRNSize', '3', '--IterSize', '3'],
     'SoftGatedHourglass': ['--nStack', '2', '--nChannels', '64', '--nReductions', '3'],
     'SimpleBaseline': ['--baseName', 'resnet18', '--optimizer_type', 'Adam'],
-    'DeepPose': ['--baseName', 'resnet18', '--nStages', '2', '--TargetType', 'direct', '--optimizer_type', 'Adam'],
+    'DeepPose': ['--baseName', 'resnet18', '--nStages', '2', '--optimizer_type', 'Adam'],
     'ChainedPredictions': ['--modelName', 'resnet18', '--ohKernel', '3', '--hhKernel', '3'],
 }
 
@@ -44,7 +44,7 @@ def bench_one(name, args, exp_dir):
     opts = options.parse(argv)
     torch.manual_seed(opts.seed)
     model = build_model(opts)
-    codec = build_codec(model.target, opts)
+    codec = build_codec(opts, model)
     train_set = build_dataset(opts, 'train', codec)
     val_set = build_dataset(opts, 'val', codec)
     os.makedirs(os.path.join(exp_dir, name), exist_ok=True)
@@ -53,7 +53,7 @@ def bench_one(name, args, exp_dir):
     start = time.time()
     result = trainer.evaluate()
     eval_ips = len(val_set) / (time.time() - start)
-    params = sum(p.numel() for p in model.parameters())
+    params = count_parameters(model)
     return dict(model=name, params=params, train_ips=stats['images_per_s'], eval_ips=eval_ips,
                 pckh=result['headline'])
 

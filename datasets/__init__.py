@@ -2,12 +2,15 @@
 
 A reader file registers its class with ``@register_dataset('Name')``; ``dataset = Name`` in a
 .defconf (or ``--dataset Name``) selects it. ``build_dataset`` joins the reader with the shared
-pipeline and the run's codec.
+pipeline and the run's codec. The shared modules (base, pipeline, codecs, joints, formats) are
+not readers.
 """
 import importlib
 import pkgutil
 
 import cv2
+
+from utils.errors import ConfigError, did_you_mean
 
 # OpenCV single-threaded in every process: parallelism comes from the loader workers, and a
 # thread pool that OpenCV created in the main process (drawing, an evaluation crop) would be
@@ -29,7 +32,7 @@ def register_dataset(name):
 
 def _import_all():
     for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith('_') and info.name not in ('base', 'pipeline', 'codecs', 'joints'):
+        if not info.name.startswith('_') and info.name not in ('base', 'pipeline', 'codecs', 'joints', 'formats'):
             importlib.import_module(f'{__name__}.{info.name}')
 
 
@@ -41,10 +44,8 @@ def available():
 def reader_class(name):
     _import_all()
     if name not in DATASETS:
-        import difflib
-        close = difflib.get_close_matches(name, DATASETS, n=1)
-        hint = f' (did you mean {close[0]!r}?)' if close else ''
-        raise SystemExit(f'error: unknown dataset {name!r}{hint}; available: {", ".join(sorted(DATASETS))}')
+        raise ConfigError(f'unknown dataset {name!r}{did_you_mean(name, DATASETS)} '
+                          f'(available: {", ".join(sorted(DATASETS))})')
     return DATASETS[name]
 
 
@@ -58,7 +59,7 @@ def build_dataset(opts, split, codec, reader=None):
     from datasets.pipeline import Pipeline
     reader = reader or build_reader(opts, split)
     train = split == 'train'
-    pipeline = Pipeline(opts.inputRes, reader.joint_set.flip_permutation(), train=train,
+    pipeline = Pipeline(opts.inputRes.wh, reader.joint_set.flip_permutation(), train=train,
                         max_scale=opts.maxScale, max_rotate=opts.maxRotate,
                         max_translate=opts.maxTranslate, flip=opts.flipAug,
                         color_jitter=opts.colorJitter)

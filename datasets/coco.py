@@ -1,6 +1,6 @@
 """COCO person keypoints reader: 17 joints, OKS AP.
 
-Layout under ``dataDir`` (see docs/datasets.md)::
+Layout under ``dataDir`` (see README, Preparing datasets)::
 
     annotations/person_keypoints_{train,val}2017.json
     images/{train,val}2017/*.jpg        (or {train,val}2017/*.jpg directly under dataDir)
@@ -12,11 +12,12 @@ Records (as the HRNet / SimpleBaselines COCO reader):
     width and height > 0 and area > 0;
   * with ``--detFile`` (validation only): one record per detection of category 1 with
     score >= ``--detThreshold``; joints 0 and visible 0, ``score`` = the detection score.
-Box -> center / scale: center = (x + w / 2, y + h / 2); the shorter side is grown to the input's
-aspect ratio (square inputs here: 1); scale = (w, h) / 200 * 1.25. Keypoints are taken as they
-are in the file (COCO's pixel frame, which is also the frame of the results file).
-A record also keeps image_id, bbox (x, y, w, h), area = (scale * 200) product (the padded crop
-box, used by OKS-NMS) and score (1 for ground-truth boxes).
+Box -> center / scale: center = (x + w / 2, y + h / 2); scale = (w, h) / 200 * 1.25. The pipeline
+extends the shorter side to the input's aspect ratio (HRNet's ``_box2cs``: 256x192 for the
+published recipe), as for every dataset. Keypoints are taken as they are in the file (COCO's
+pixel frame, which is also the frame of the results file). A record also keeps image_id, bbox
+(x, y, w, h), area (the crop box's area at the run's input aspect ratio: what OKS-NMS compares)
+and score (1 for ground-truth boxes).
 
 evaluate: the raw results {image_id, keypoints 17 x (x, y, score), box_score, area} go to
 ``metrics.coco_oks_ap`` (HRNet rescoring, OKS-NMS, pycocotools); headline = AP (0..1). When the
@@ -30,20 +31,21 @@ import tempfile
 import numpy as np
 
 from datasets import register_dataset
-from datasets.base import DatasetError, Reader, check_data_dir, first_existing, sample_limit
+from datasets.base import Reader, check_data_dir, first_existing, sample_limit
+from datasets.formats import load_json
 from datasets.joints import COCO
+from datasets.pipeline import crop_box
+from utils.errors import DatasetError
+from utils.io import write_json
 
 PADDING = 1.25
 PIXEL_STD = 200.0
 
 
-def box_to_center_scale(x, y, w, h, aspect_ratio=1.0, padding=PADDING):
-    """HRNet's _box2cs: (x, y, w, h) box -> center (2,), scale (2,) in units of 200 px."""
+def box_to_center_scale(x, y, w, h, padding=PADDING):
+    """HRNet's _box2cs without the aspect ratio (the pipeline applies it): (x, y, w, h) box ->
+    center (2,), scale (2,) = padded (w, h) in units of 200 px."""
     center = np.array([x + w * 0.5, y + h * 0.5], np.float32)
-    if w > aspect_ratio * h:
-        h = w / aspect_ratio
-    elif w < aspect_ratio * h:
-        w = h * aspect_ratio
     scale = np.array([w / PIXEL_STD, h / PIXEL_STD], np.float32) * padding
     return center, scale
 
@@ -61,12 +63,9 @@ def clean_box(bbox, width, height):
 
 def _load_json(path, what):
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DatasetError(f'COCO: {path}: not valid json ({str(exc).splitlines()[0]})') from None
-    except OSError as exc:
-        raise DatasetError(f'COCO: {path}: cannot read the {what} ({exc.strerror})') from None
+        return load_json(path, what)
+    except DatasetError as exc:
+        raise DatasetError(f'COCO: {exc}') from None
 
 
 @register_dataset('COCO')
@@ -87,7 +86,7 @@ class COCOReader(Reader):
             raise DatasetError(f'COCO: expected the images in images/{year}/ or {year}/ under {root} '
                                f'(see README, Preparing datasets)')
         self.annotation_path = ann
-        self.aspect_ratio = 1.0          # square inputs (inputRes x inputRes)
+        self.input_size = tuple(opts.inputRes.wh)       # (W, H): the crop boxes' aspect ratio
         data = _load_json(ann, 'annotations')
         if not isinstance(data, dict) or not isinstance(data.get('images'), list) \
                 or not isinstance(data.get('annotations'), list):
@@ -129,19 +128,21 @@ class COCOReader(Reader):
                     num = int(a.get('num_keypoints', int((kp[:, 2] > 0).sum())))
                     box = clean_box(a['bbox'], im['width'], im['height'])
                     area = float(a.get('area', 1.0))
+                    finite = np.all(np.isfinite(np.asarray(a['bbox'], np.float64))) and np.all(np.isfinite(kp[:, 2]))
                 except (KeyError, TypeError, ValueError) as exc:
                     raise DatasetError(f'COCO: {ann}: annotations[{n}]: needs bbox (4 numbers) and '
                                        f'keypoints ({k} x 3 numbers) ({type(exc).__name__}: {exc})') from None
+                if not finite:
+                    raise DatasetError(f'COCO: {ann}: annotations[{n}]: bbox and keypoint flags must be '
+                                       f'finite numbers')
                 if num <= 0 or kp[:, 2].max() <= 0 or box is None or area <= 0:
                     continue
-                center, scale = box_to_center_scale(*box, aspect_ratio=self.aspect_ratio)
+                center, scale = box_to_center_scale(*box)
                 vis = (kp[:, 2] > 0).astype(np.float32)
-                self.records.append(dict(
-                    image=os.path.join(image_dir, im['file']), center=center, scale=scale,
-                    joints=np.where(vis[:, None] > 0, kp[:, :2], 0.0).astype(np.float32),
-                    visible=vis, image_id=image_id, ann_id=a.get('id'),
-                    bbox=np.array(box, np.float32), score=1.0,
-                    area=float(np.prod(scale * PIXEL_STD))))
+                self.add(f'COCO: {ann}: annotations[{n}]', image=os.path.join(image_dir, im['file']),
+                         center=center, scale=scale, keypoints=kp[:, :2], visible=vis,
+                         image_id=image_id, ann_id=a.get('id'), bbox=np.array(box, np.float32), score=1.0,
+                         area=float(np.prod(crop_box(scale, self.input_size))))
 
     def _read_detections(self, det_file, images, image_dir, limit):
         path = det_file
@@ -169,15 +170,16 @@ class COCOReader(Reader):
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise DatasetError(f'COCO: {path}: detection {n}: needs image_id, bbox (4 numbers) '
                                    f'and score ({type(exc).__name__}: {exc})') from None
+            if not (np.isfinite(score) and np.all(np.isfinite([x, y, w, h]))):
+                raise DatasetError(f'COCO: {path}: detection {n}: score and bbox must be finite numbers')
             if score < threshold or w <= 0 or h <= 0:
                 continue
-            center, scale = box_to_center_scale(x, y, w, h, aspect_ratio=self.aspect_ratio)
+            center, scale = box_to_center_scale(x, y, w, h)
             name = images[image_id]['file'] if image_id in images else '%012d.jpg' % int(image_id)
-            self.records.append(dict(
-                image=os.path.join(image_dir, name), center=center, scale=scale,
-                joints=np.zeros((k, 2), np.float32), visible=np.zeros(k, np.float32),
-                image_id=image_id, bbox=np.array([x, y, w, h], np.float32), score=score,
-                area=float(np.prod(scale * PIXEL_STD))))
+            self.add(f'COCO: {path}: detection {n}', image=os.path.join(image_dir, name), center=center,
+                     scale=scale, keypoints=np.zeros((k, 2), np.float32), visible=np.zeros(k, np.float32),
+                     image_id=image_id, bbox=np.array([x, y, w, h], np.float32), score=score,
+                     area=float(np.prod(crop_box(scale, self.input_size))))
 
     def results(self, preds, scores, indices):
         """Raw result list: {image_id, category_id, keypoints (flat 17 x [x, y, score]), box_score, area}."""
@@ -217,8 +219,6 @@ class COCOReader(Reader):
 
     def save_predictions(self, preds, scores, indices, out_dir):
         """results.json: the raw result list of ``results`` (before rescoring and OKS-NMS)."""
-        os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, 'results.json')
-        with open(path, 'w') as f:
-            json.dump(self.results(preds, scores, indices), f)
+        write_json(path, self.results(preds, scores, indices), indent=None)
         return path

@@ -1,6 +1,6 @@
 """Look Into Person (LIP) single-person pose reader: 16 joints in the MPII order, PCKh@0.5.
 
-Layout under ``dataDir`` (the LIP download; see docs/datasets.md)::
+Layout under ``dataDir`` (the LIP download; see README, Preparing datasets)::
 
     TrainVal_pose_annotations/lip_train_set.csv, lip_val_set.csv
     TrainVal_images/train_images/*.jpg, TrainVal_images/val_images/*.jpg   (or train_images/, val_images/)
@@ -17,15 +17,19 @@ Conventions:
     469 x values are exactly 1 (joints clamped to the left border). Records are 0-based (- 1);
     ``save_predictions`` writes the csv in the file's frame (+ 1).
   * Box: the square around the labelled joints, 1.25 x the longer side of their extent (as LSP,
-    ``datasets.lsp.box_from_joints``). A row with no labelled joint is skipped.
+    ``datasets.base.box_from_joints``). A row with no labelled joint is skipped.
+  * ``nan`` is LIP's own mark of an unlabelled joint: such a joint is read as unlabelled (visible 0),
+    never as an error.
 """
 import os
 
 import numpy as np
 
 from datasets import register_dataset
-from datasets.base import DatasetError, Reader, box_from_joints, check_data_dir, first_existing, sample_limit
+from datasets.base import Reader, box_from_joints, check_data_dir, first_existing, sample_limit
+from datasets.formats import read_lip_csv
 from datasets.joints import MPII
+from utils.errors import DatasetError
 
 
 def annotation_candidates(root, split):
@@ -60,11 +64,10 @@ class LIPReader(Reader):
             raise DatasetError(f'LIP: expected the images in TrainVal_images/{split}_images/ or '
                                f'{split}_images/ under {root} (see README, Preparing datasets)')
         self.annotation_path = path
-        from utils import metrics
         try:
-            names, joints, labelled, occluded = metrics.read_lip_csv(path, return_occluded=True)
-        except SystemExit as exc:       # the helper's one-line 'error: <path>: <what>'
-            raise DatasetError(f'LIP: {str(exc.code).removeprefix("error: ")}') from None
+            names, joints, labelled, occluded = read_lip_csv(path, with_flags=True)
+        except DatasetError as exc:
+            raise DatasetError(f'LIP: {exc}') from None
         limit = sample_limit(opts, split)
         for i, name in enumerate(names):
             if limit and len(self.records) >= limit:
@@ -74,26 +77,26 @@ class LIPReader(Reader):
             center, scale = box_from_joints(j, vis)
             if center is None:
                 continue
-            self.records.append(dict(image=os.path.join(image_dir, name), name=name,
-                                     center=center, scale=scale, joints=j.astype(np.float32),
-                                     visible=vis, occluded=occluded[i].astype(np.float32)))
+            self.add(f'LIP: {path}: row {i + 1}', image=os.path.join(image_dir, name), name=name,
+                     center=center, scale=scale, keypoints=j, visible=vis,
+                     occluded=occluded[i].astype(np.float32)[None])
 
     def evaluate(self, preds, scores, indices):
         """LIP PCKh@0.5 (head size ||head top - upper neck||); headline = Mean."""
         from utils import metrics
         recs = [self.records[int(i)] for i in indices]
-        gt = np.stack([r['joints'] for r in recs]).astype(np.float64)
-        vis = np.stack([r['visible'] for r in recs])
+        gt = np.stack([r['keypoints'][0] for r in recs]).astype(np.float64)
+        vis = np.stack([r['visible'][0] for r in recs])
         gt[vis == 0] = np.nan
         table = metrics.lip_pckh_table(np.asarray(preds, np.float64), gt, vis)
         return table, table['Mean']
 
     def save_predictions(self, preds, scores, indices, out_dir):
         """pred.csv in the annotation layout (name, 16 x (x, y)), 1-based as the annotations."""
-        from utils import metrics
+        from datasets.formats import write_lip_csv
         order = np.argsort(np.asarray(indices), kind='stable')
         idx = np.asarray(indices)[order]
         path = os.path.join(out_dir, 'pred.csv')
-        metrics.write_lip_csv(path, [self.records[int(i)]['name'] for i in idx],
+        write_lip_csv(path, [self.records[int(i)]['name'] for i in idx],
                               np.asarray(preds, np.float64)[order] + 1.0)
         return path

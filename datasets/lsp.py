@@ -1,6 +1,6 @@
 """Leeds Sports Pose (LSP) and LSP-extended readers: 14 joints, PCK@0.2 (torso).
 
-Layout under ``dataDir`` (see docs/datasets.md)::
+Layout under ``dataDir`` (see README, Preparing datasets)::
 
     joints.mat            LSP, key 'joints' (3, 14, 2000): rows x, y, flag; flag 0 = visible
     images/im0001.jpg ... im2000.jpg
@@ -26,30 +26,18 @@ import os
 import numpy as np
 
 from datasets import register_dataset
-from datasets.base import DatasetError, Reader, box_from_joints, check_data_dir, first_existing, sample_limit
+from datasets.base import Reader, box_from_joints, check_data_dir, sample_limit
+from datasets.formats import read_lsp_joints
 from datasets.joints import LSP
+from utils.errors import DatasetError
+
 
 def _load_layout(path):
     """-> joints (N, 14, 2) 1-based as stored, visible-by-flag (N, 14), layout 'lsp' or 'lspet'."""
-    import scipy.io
     try:
-        mat = scipy.io.loadmat(path)
-    except Exception as exc:  # noqa: BLE001 -- any parse failure is a bad file
-        raise DatasetError(f'LSP: {path}: not a readable MATLAB file ({type(exc).__name__})')
-    j = mat.get('joints')
-    if j is None or not isinstance(j, np.ndarray) or j.ndim != 3:
-        raise DatasetError(f"LSP: {path}: expected an array 'joints' of shape 3x14xN (LSP) or "
-                           f"14x3xN (LSP-extended), found {getattr(j, 'shape', 'none')}")
-    if j.shape[:2] == (3, 14):
-        layout = 'lsp'
-    elif j.shape[:2] == (14, 3):
-        layout = 'lspet'
-    else:
-        raise DatasetError(f"LSP: {path}: 'joints' has shape {'x'.join(map(str, j.shape))}, "
-                           f"expected 3x14xN (LSP) or 14x3xN (LSP-extended)")
-    from utils import metrics
-    joints, visible = metrics.read_lsp_joints(path)
-    return joints, visible, layout
+        return read_lsp_joints(path)
+    except DatasetError as exc:
+        raise DatasetError(f'LSP: {exc}') from None
 
 
 @register_dataset('LSP')
@@ -103,20 +91,17 @@ class LSPReader(Reader):
                 center, scale = box_from_joints(j, vis)
                 if center is None:           # LSP-extended person with no visible joint
                     continue
-                self.records.append(dict(
-                    image=os.path.join(image_dir, pattern % (i + 1)),
-                    center=center, scale=scale,
-                    joints=np.where(vis[:, None] > 0, j, 0.0).astype(np.float32),
-                    visible=vis,
-                    occluded=((flags[i] == 0) & finite).astype(np.float32),
-                    source=layout, index_in_file=i))
+                self.add(f'LSP: {mat_path}: person {i + 1}', image=os.path.join(image_dir, pattern % (i + 1)),
+                         center=center, scale=scale, keypoints=np.where(vis[:, None] > 0, j, 0.0), visible=vis,
+                         occluded=((flags[i] == 0) & finite).astype(np.float32)[None],
+                         source=layout, index_in_file=i)
 
     def evaluate(self, preds, scores, indices):
         """PCK@0.2 with the torso diameter over the given records; headline = Mean."""
         from utils import metrics
         recs = [self.records[int(i)] for i in indices]
-        gt = np.stack([r['joints'] for r in recs])
-        vis = np.stack([r['visible'] for r in recs])
+        gt = np.stack([r['keypoints'][0] for r in recs])
+        vis = np.stack([r['visible'][0] for r in recs])
         table = metrics.lsp_pck_table(np.asarray(preds, np.float64), gt, vis)
         return table, table['Mean']
 

@@ -24,14 +24,15 @@ Evaluation: with ``dataDir/annot/gt_valid.mat`` present, the split the full vali
 ``metrics.mpii_official``). Otherwise PCKh@0.5 with the records' head sizes (h5 ``normalize``,
 or gt_valid's head boxes when the json entries are verifiably gt_valid's first persons).
 """
-import json
 import os
 
 import numpy as np
 
 from datasets import register_dataset
-from datasets.base import DatasetError, Reader, check_data_dir, sample_limit
+from datasets.base import Reader, check_data_dir, sample_limit
+from datasets.formats import load_json, read_gt_valid
 from datasets.joints import MPII
+from utils.errors import DatasetError
 
 SPLIT_FILE = {'train': 'train', 'val': 'valid'}
 GT_VALID = os.path.join('annot', 'gt_valid.mat')
@@ -41,13 +42,12 @@ def _entry_error(path, i, what):
     return DatasetError(f'MPII: {path}: entry {i}: {what}')
 
 
-def _read_json(path):
-    """-> list of dict(image, center (2,) 1-based raw, scale float, joints (16,2) 1-based, vis (16,))."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DatasetError(f'MPII: {path}: not valid json ({str(exc).splitlines()[0]})') from None
+def _read_json(path, require_joints=True):
+    """-> list of dict(image, center (2,) 1-based raw, scale float, joints (16,2) 1-based, vis (16,)).
+
+    An entry without ``joints`` is an error, except in a test split (``require_joints`` False:
+    the MPII test annotations have no joints)."""
+    data = load_json(path, 'annotation file')
     if not isinstance(data, list):
         raise DatasetError(f'MPII: {path}: expected a json list of persons '
                            f'{{image, center, scale, joints, joints_vis}}, found {type(data).__name__}')
@@ -55,7 +55,7 @@ def _read_json(path):
     for i, a in enumerate(data):
         if not isinstance(a, dict):
             raise _entry_error(path, i, 'not a json object')
-        for key in ('image', 'center', 'scale'):
+        for key in ('image', 'center', 'scale') + (('joints',) if require_joints else ()):
             if key not in a:
                 raise _entry_error(path, i, f"missing key '{key}'")
         try:
@@ -101,37 +101,38 @@ def _load_gt_valid(path):
     """-> pos (N,16,2) 1-based, labelled (N,16) bool, head_size (N,), or None if the file is absent."""
     if not os.path.isfile(path):
         return None
-    import scipy.io
     try:
-        mat = scipy.io.loadmat(path)
-        pos = np.asarray(mat['pos_gt_src'], np.float64).transpose(2, 0, 1)
-        missing = np.asarray(mat['jnt_missing']).T > 0
-        boxes = np.asarray(mat['headboxes_src'], np.float64)
-        head = 0.6 * np.linalg.norm(boxes[1] - boxes[0], axis=0)
-    except Exception as exc:  # noqa: BLE001
-        raise DatasetError(f'MPII: {path}: not an MPII gt_valid.mat (pos_gt_src 16x2xN, '
-                           f'jnt_missing 16xN, headboxes_src 2x2xN) ({type(exc).__name__}: {exc})') from None
-    if pos.shape[1:] != (16, 2) or missing.shape != pos.shape[:2] or head.shape != pos.shape[:1]:
-        raise DatasetError(f'MPII: {path}: inconsistent shapes of pos_gt_src / jnt_missing / headboxes_src')
-    return pos, ~missing, head
+        pos, visible, head = read_gt_valid(path)
+    except DatasetError as exc:
+        raise DatasetError(f'MPII: {exc}') from None
+    return pos, visible > 0, head
 
 
-def _aligned_with_gt_valid(joints_1based, labelled, gt):
-    """True when annotation entry i is gt_valid person i for every entry (median distance of the
-    joints labelled in both < 2 px; gt_valid zeroes a few coordinates, hence the median)."""
+def _misalignment(joints_1based, labelled, gt):
+    """None when annotation entry i is gt_valid person i for every entry (median distance of the
+    joints labelled in both < 2 px; gt_valid zeroes a few coordinates, hence the median), else
+    what differs, in words."""
     pos, gt_lab, _ = gt
     m = len(joints_1based)
-    if m == 0 or m > len(pos):
-        return False
+    if m == 0:
+        return 'the annotation file has no persons'
+    if m > len(pos):
+        return f'the annotation file has {m} persons, gt_valid.mat {len(pos)}'
     both = labelled & gt_lab[:m]
     d = np.linalg.norm(joints_1based - pos[:m], axis=-1)
     d = np.where(both, d, np.nan)
     has = both.any(axis=1)
     if not has.any():
-        return False
+        return 'no person has a joint labelled in both files'
+    med = np.full(m, np.nan)
     with np.errstate(all='ignore'):
-        med = np.nanmedian(d[has], axis=1)
-    return bool(np.all(med < 2.0))
+        med[has] = np.nanmedian(d[has], axis=1)
+    wrong = np.flatnonzero(has & ~(med < 2.0))
+    if len(wrong):
+        i = int(wrong[0])
+        return (f'{len(wrong)} of its {m} persons are not gt_valid.mat\'s persons in the same order '
+                f'(entry {i}: its joints are {med[i]:.0f} px from gt_valid person {i})')
+    return None
 
 
 @register_dataset('MPII')
@@ -157,7 +158,7 @@ class MPIIReader(Reader):
         self.layout = 'json' if path.endswith('.json') else 'h5'
 
         if self.layout == 'json':
-            entries = _read_json(path)
+            entries = _read_json(path, require_joints=split != 'test')
             centers = np.array([e['center'] for e in entries]).reshape(-1, 2)
             scales = np.array([e['scale'] for e in entries], np.float64)
             adjust = centers[:, 0] != -1                 # HRNet: no adjustment for a missing box
@@ -180,8 +181,11 @@ class MPIIReader(Reader):
 
         # gt_valid.mat: the official protocol, and head sizes for json entries
         self.gt_valid_path = None
+        self.gt_valid_problem = None        # why a present gt_valid.mat could not be used
         gt = _load_gt_valid(os.path.join(root, GT_VALID)) if split == 'val' else None
-        if gt is not None and _aligned_with_gt_valid(joints_1, labelled, gt):
+        if gt is not None:
+            self.gt_valid_problem = _misalignment(joints_1, labelled, gt)
+        if gt is not None and self.gt_valid_problem is None:
             self.gt_valid_path = os.path.join(root, GT_VALID)
             self.num_gt_valid = len(gt[0])
             missing_head = ~(np.isfinite(head) & (head > 0))
@@ -194,13 +198,10 @@ class MPIIReader(Reader):
             lab = labelled[i].astype(np.float32)
             j = np.where(lab[:, None] > 0, joints_1[i] - 1.0, 0.0)   # 1-based -> 0-based
             s = float(scales[i])
-            self.records.append(dict(
-                image=os.path.join(image_dir, names[i]),
-                center=(centers[i] - 1.0).astype(np.float32),
-                scale=np.array([s, s], np.float32),
-                joints=j.astype(np.float32), visible=lab,
-                occluded=np.asarray(occluded[i], np.float32),
-                head_size=float(head[i]), annot_index=i))
+            self.add(f'MPII: {path}: entry {i}', image=os.path.join(image_dir, names[i]),
+                     center=(centers[i] - 1.0).astype(np.float32), scale=np.array([s, s], np.float32),
+                     keypoints=j, visible=lab, occluded=np.asarray(occluded[i], np.float32)[None],
+                     head_size=float(head[i]), annot_index=i)
 
     def _official(self, indices):
         """True when predictions cover the whole gt_valid set in its order."""
@@ -222,12 +223,16 @@ class MPIIReader(Reader):
         recs = [self.records[int(i)] for i in indices]
         head = np.array([r['head_size'] for r in recs], np.float64)
         if not np.all(np.isfinite(head) & (head > 0)):
-            raise DatasetError(
-                f'MPII: cannot evaluate {self.annotation_path}: no head sizes; the json layout needs '
-                f'the official {os.path.join(self.opts.dataDir, GT_VALID)} (and the validation split), '
-                f"the h5 layout its 'normalize' field (see README, Preparing datasets)")
-        gt = np.stack([r['joints'] for r in recs])
-        vis = np.stack([r['visible'] for r in recs])
+            gt_path = os.path.join(self.opts.dataDir, GT_VALID)
+            if self.gt_valid_problem:
+                why = f'{gt_path} is there but cannot give them: {self.gt_valid_problem}'
+            else:
+                why = (f'the json layout takes them from the official {gt_path} (validation split only), '
+                       f"the h5 layout from its 'normalize' field")
+            raise DatasetError(f'MPII: cannot evaluate {self.annotation_path}: no head sizes; {why} '
+                               f'(see README, Preparing datasets)')
+        gt = np.stack([r['keypoints'][0] for r in recs])
+        vis = np.stack([r['visible'][0] for r in recs])
         table = metrics.pckh_table(preds, gt, vis, head, MPII)
         return table, table['Mean']
 

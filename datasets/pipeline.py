@@ -6,7 +6,10 @@ they land exactly where their pixels land: cv2.warpAffine samples dst(p) = src(M
 centres at integer coordinates, and a point p of the source lands at M p.
 
 Box convention (HRNet / SimpleBaselines): a record's ``center`` (2,) and ``scale`` (2,) give a
-person box of ``scale * 200`` pixels; its width is mapped onto the input width.
+person box of ``scale * 200`` pixels (width, height). The pipeline extends the box's shorter side
+to the input's aspect ratio (``crop_box``, as HRNet's ``_box2cs`` does for COCO), the same way
+for every dataset, and maps its width onto the input width. Sizes passed to this module are
+(width, height), OpenCV's order.
 """
 import cv2
 import numpy as np
@@ -51,8 +54,24 @@ def transform_points(points, m):
 
 
 def to_original(coords, affines):
-    """Crop coordinates (N, K, 2) and their affines (N, 2, 3) -> original-image pixels (N, K, 2)."""
-    return np.stack([transform_points(c, invert_affine(m)) for c, m in zip(coords, affines)]).astype(np.float32)
+    """Crop coordinates (B, ..., 2) and their affines (B, 2, 3) -> original-image pixels, same
+    shape, float32 (each image's points through the inverse of its own affine)."""
+    return np.stack([transform_points(np.reshape(c, (-1, 2)), invert_affine(m)).reshape(np.shape(c))
+                     for c, m in zip(coords, affines)]).astype(np.float32)
+
+
+def crop_box(scale, input_size):
+    """The box the crop covers, in source pixels: ``scale * 200`` (width, height) with the shorter
+    side extended to the aspect ratio of ``input_size`` (W, H). -> (width, height) floats."""
+    s = np.asarray(scale, np.float64).reshape(-1)
+    w = float(s[0]) * 200.0
+    h = float(s[-1]) * 200.0
+    aspect = input_size[0] / float(input_size[1])
+    if w > aspect * h:
+        h = w / aspect
+    elif w < aspect * h:
+        w = h * aspect
+    return w, h
 
 
 def normalize(image):
@@ -75,6 +94,8 @@ def denormalize(tensor):
 
 class Pipeline:
     """Record + decoded image -> (image tensor, keypoints in the crop, visibility, affine).
+
+    input_size: int (a square) or (W, H).
 
     Training draws, per sample, a scale factor ``clip(1 + N(0, max_scale), 1 -/+ max_scale)``,
     a rotation ``clip(N(0, max_rotate), +/- 2 max_rotate)`` with probability ``rotate_prob``, a
@@ -108,21 +129,24 @@ class Pipeline:
         return dict(scale=s, rotation=r, shift=t, flip=f, gain=g)
 
     def __call__(self, image, record, rng=None):
-        """image: uint8 RGB (H, W, 3); record: dict with center, scale, joints (K, 2), visible (K,).
+        """image: uint8 RGB (H, W, 3); record: dict with center, scale, keypoints (N, K, 2),
+        visible (N, K).
 
-        Returns dict(image=(3, h, w) float32 tensor, joints=(K, 2) crop pixels, visible=(K,),
-        affine=(2, 3) original -> crop).
+        Returns dict(image=(3, h, w) float32 tensor, keypoints=(N, K, 2) crop pixels,
+        visible=(N, K), affine=(2, 3) original -> crop). Every person goes through the same
+        matrix; a flip also swaps each person's left and right keypoints.
         """
         p = self.sample_params(rng if rng is not None else np.random.default_rng())
-        box_w = float(np.asarray(record['scale']).reshape(-1)[0]) * 200.0 * p['scale']
+        box_w = crop_box(record['scale'], self.input_size)[0] * p['scale']
         shift = (p['shift'][0] * box_w, p['shift'][1] * box_w)
         m = affine_matrix(record['center'], box_w, self.input_size, p['rotation'], p['flip'], shift)
         crop = cv2.warpAffine(image, m, self.input_size, flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
         if p['gain'] is not None:
             crop = np.clip(crop.astype(np.float32) * p['gain'], 0, 255)
-        joints = transform_points(record['joints'], m).astype(np.float32)
+        keypoints = np.asarray(record['keypoints'])
+        keypoints = transform_points(keypoints.reshape(-1, 2), m).reshape(keypoints.shape).astype(np.float32)
         visible = np.asarray(record['visible'], np.float32).copy()
         if p['flip']:
-            joints, visible = joints[self.flip_perm], visible[self.flip_perm]
-        return dict(image=normalize(crop), joints=joints, visible=visible, affine=m.astype(np.float32))
+            keypoints, visible = keypoints[:, self.flip_perm], visible[:, self.flip_perm]
+        return dict(image=normalize(crop), keypoints=keypoints, visible=visible, affine=m.astype(np.float32))

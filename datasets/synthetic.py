@@ -38,7 +38,6 @@ Command line: ``python -m datasets.synthetic --export DIR --n N [--split val]`` 
 in the HRNet / SimpleBaselines MPII json layout (see ``Synthetic.export``).
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -48,6 +47,8 @@ import numpy as np
 
 from datasets import register_dataset
 from datasets.base import BOX_MARGIN, Reader, sample_limit
+from utils.errors import PoseError
+from utils.io import write_json
 from datasets.joints import MPII
 
 J = {name: i for i, name in enumerate(MPII.names)}
@@ -537,7 +538,7 @@ class Synthetic(Reader):
     ``opts.nTrainSamples`` / ``opts.nValSamples`` people for 'train' / 'val' (disjoint seed
     streams derived from ``opts.seed``), cut to ``opts.maxTrainSamples`` / ``maxValSamples``
     when non-zero; images are ``opts.syntheticRes`` pixels square. A record holds, besides the
-    Reader fields (image None, center (2,), scale (2,), joints (16, 2), visible (16,)):
+    Reader fields (image None, center (2,), scale (2,), keypoints (1, 16, 2), visible (1, 16)):
     head_size (float, PCKh normaliser), seed (int, what ``load_image`` renders from), facing
     (bool, the person faces the camera), index, and person (``sample_person``'s dict).
     """
@@ -561,8 +562,8 @@ class Synthetic(Reader):
         p = sample_person(seed, res)
         side = np.float32(p['side'] / 200.0)
         return dict(image=None, seed=seed, index=index, center=p['center'].astype(np.float32),
-                    scale=np.array([side, side], np.float32), joints=p['joints'].astype(np.float32),
-                    visible=p['visible'].astype(np.float32), head_size=float(p['head_size']),
+                    scale=np.array([side, side], np.float32), keypoints=p['joints'].astype(np.float32)[None],
+                    visible=p['visible'].astype(np.float32)[None], head_size=float(p['head_size']),
                     facing=bool(p['facing']), person=p)
 
     def load_image(self, record):
@@ -590,11 +591,10 @@ class Synthetic(Reader):
             s = float(rec['scale'][0]) / 1.25
             cx, cy = (float(v) + 1.0 for v in rec['center'])
             entries.append(dict(image=name, center=[cx, cy - 15.0 * s], scale=s,
-                                joints=[[float(x) + 1.0, float(y) + 1.0] for x, y in rec['joints']],
-                                joints_vis=[int(v > 0) for v in rec['visible']]))
+                                joints=[[float(x) + 1.0, float(y) + 1.0] for x, y in rec['keypoints'][0]],
+                                joints_vis=[int(v > 0) for v in rec['visible'][0]]))
         path = os.path.join(out_dir, 'annot', 'train.json' if self.split == 'train' else 'valid.json')
-        with open(path, 'w') as f:
-            json.dump(entries, f)
+        write_json(path, entries, indent=None)
         return path
 
 
@@ -616,4 +616,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    try:
+        main()
+    except PoseError as exc:
+        sys.exit(f'error: {exc}')

@@ -5,17 +5,27 @@ A model file registers its class with ``@register_model('Name')``; ``model = Nam
 
 * subclasses ``torch.nn.Module`` and returns a **list** of outputs from ``forward`` (one per
   stack or stage; intermediate supervision puts a loss on each, the last one is the prediction);
-* declares ``target`` -- ``'heatmap'`` (outputs are (N, K, H/stride, W/stride)) or ``'coords'``
-  (outputs are (N, K, 2) normalised coordinates, see ``datasets.codecs.CoordinateCodec``);
+* declares ``target``, the name of the codec that trains and decodes it (``datasets.codecs``):
+  ``'heatmap'`` (outputs are (N, K, H/stride, W/stride)) or ``'coords'`` (outputs are (N, K, 2)
+  normalised coordinates);
 * declares ``stride`` -- input pixels per output pixel (heatmap models);
 * builds itself from the parsed options with the classmethod ``from_opts(opts)``.
+
+``build_model`` records which options ``from_opts`` read: those that define the layout become
+the model's ``arch`` (checked when a checkpoint is loaded); nothing else has to be declared.
 """
 import importlib
 import pkgutil
 
 import torch.nn as nn
 
+from utils.errors import ConfigError, did_you_mean
+
 MODELS = {}
+# Options a model may read that do not change its parameters: not part of its ``arch``.
+NOT_ARCH = ('pretrained', 'inputRes', 'outputRes')
+# The older framework's spelling of a model's target (--TargetType) -> codec name.
+TARGET_TYPES = {'heatmap': 'heatmap', 'direct': 'coords'}
 
 
 def register_model(name):
@@ -42,11 +52,59 @@ def available():
     return sorted(MODELS)
 
 
-def build_model(opts) -> nn.Module:
+def model_class(name):
     _import_all()
-    if opts.model not in MODELS:
-        import difflib
-        close = difflib.get_close_matches(opts.model, MODELS, n=1)
-        hint = f' (did you mean {close[0]!r}?)' if close else ''
-        raise SystemExit(f'error: unknown model {opts.model!r}{hint}; available: {", ".join(sorted(MODELS))}')
-    return MODELS[opts.model].from_opts(opts)
+    if name not in MODELS:
+        raise ConfigError(f'unknown model {name!r}{did_you_mean(name, MODELS)} (available: {", ".join(sorted(MODELS))})')
+    return MODELS[name]
+
+
+class _Recorder:
+    """Passes attribute reads through to ``opts`` and remembers their names."""
+
+    def __init__(self, opts):
+        object.__setattr__(self, '_opts', opts)
+        object.__setattr__(self, 'read', [])
+
+    def __getattr__(self, name):
+        value = getattr(self._opts, name)
+        if name not in self.read:
+            self.read.append(name)
+        return value
+
+
+def build_model(opts) -> nn.Module:
+    """The registered model ``opts.model``, built by its ``from_opts``.
+
+    Sets ``model.arch``: {option: value} of the options ``from_opts`` read that define the
+    layout (``model`` and ``nJoints`` first). Checks --TargetType against the model's target and,
+    for heatmap models, that outputRes x stride == inputRes.
+    """
+    cls = model_class(opts.model)
+    wanted = getattr(opts, 'TargetType', None)
+    if wanted and TARGET_TYPES[wanted] != cls.target:
+        raise ConfigError(f'--TargetType {wanted} does not fit {opts.model}, which predicts {cls.target} '
+                          f'(the model decides what it predicts; drop TargetType)')
+    recorder = _Recorder(opts)
+    model = cls.from_opts(recorder)
+    keys = ['model', 'nJoints'] + [k for k in recorder.read if k not in NOT_ARCH and k not in ('model', 'nJoints')]
+    model.arch = {k: getattr(opts, k) for k in keys}
+    check_output_size(model, opts)
+    return model
+
+
+def check_output_size(model, opts):
+    """A heatmap model makes outputs at 1/stride of its input: outputRes must be inputRes / stride."""
+    if model.target != 'heatmap':
+        return
+    stride = model.stride
+    (ih, iw), (oh, ow) = opts.inputRes, opts.outputRes
+    if oh * stride != ih or ow * stride != iw:
+        expected = f'{ih / stride:g}' if ih == iw else f'{ih / stride:g}x{iw / stride:g}'
+        raise ConfigError(f'--inputRes {opts.inputRes} / --outputRes {opts.outputRes} does not match the output '
+                          f'stride {stride:g} of {opts.model}: outputRes must be inputRes/{stride:g} = {expected}')
+
+
+def count_parameters(model):
+    """Number of parameters of ``model`` (every one of them; -summary and the README count these)."""
+    return sum(p.numel() for p in model.parameters())

@@ -78,7 +78,8 @@ class ChainedPredictions(nn.Module):
     """(N, 3, H, W) -> [(N, K, H * outputRes / inputRes, W * outputRes / inputRes)].
 
     n_joints: K; encoder: ResNet name; hh_kernel / oh_kernel: hidden-to-hidden and
-    output-to-hidden kernel sizes; input_res / output_res: fix the heatmap stride;
+    output-to-hidden kernel sizes; input_res / output_res: input and heatmap heights, which fix
+    the heatmap stride (the same along both axes);
     hidden: channels of the hidden state.
     """
     target = 'heatmap'
@@ -123,6 +124,6 @@ class ChainedPredictions(nn.Module):
     @classmethod
     def from_opts(cls, opts):
         model = cls(n_joints=opts.nJoints, encoder=opts.modelName, hh_kernel=opts.hhKernel,
-                    oh_kernel=opts.ohKernel, input_res=opts.inputRes, output_res=opts.outputRes)
+                    oh_kernel=opts.ohKernel, input_res=opts.inputRes.height, output_res=opts.outputRes.height)
         load_pretrained(model.encoder, opts.pretrained)
         return model

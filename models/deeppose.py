@@ -127,6 +127,6 @@ class DeepPose(nn.Module):
     @classmethod
     def from_opts(cls, opts):
         model = cls(n_joints=opts.nJoints, base_name=opts.baseName, n_stages=opts.nStages,
-                    patch_size=max(16, opts.inputRes // 4))
+                    patch_size=max(16, min(opts.inputRes) // 4))
         load_pretrained(model.backbone, opts.pretrained)
         return model

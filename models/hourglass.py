@@ -7,7 +7,7 @@ hourglass and the intermediate-supervision remap into the next stack's input. Al
 carry a bias, as in the Torch code.
 
 Paper configuration (8 stacks, 256 channels, 1 module, 4 reductions, 16 joints): 25,434,112
-parameters (``models.layers.count_parameters``), the ~25M the paper reports.
+parameters (``models.count_parameters``), the ~25M the paper reports.
 """
 import torch.nn as nn
 

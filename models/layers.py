@@ -170,7 +170,3 @@ class Remap(nn.Module):
     def forward(self, x, features, heatmaps):
         return x + self.features(features) + self.heatmaps(heatmaps)
 
-
-def count_parameters(module):
-    """Number of trainable parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -9,11 +9,12 @@ classifier, ``fc``. A user's torchvision ImageNet ``.pth`` therefore loads with
 Without ``num_classes`` a ResNet is a feature extractor: ``forward`` returns the last stage,
 (N, out_channels, ceil(H/32), ceil(W/32)).
 """
-import difflib
 import os
 
 import torch
 import torch.nn as nn
+
+from utils.errors import CheckpointError, ConfigError, did_you_mean
 
 # name -> (block, blocks per stage)
 SPECS = {
@@ -162,9 +163,7 @@ class ResNet(nn.Module):
 def check_name(name):
     """Stop with one clear line if ``name`` is not a ResNet this file builds."""
     if name not in SPECS:
-        close = difflib.get_close_matches(str(name), SPECS, n=1)
-        hint = f' (did you mean {close[0]!r}?)' if close else ''
-        raise SystemExit(f'error: unknown ResNet {name!r}{hint}; valid names: {", ".join(SPECS)}')
+        raise ConfigError(f'unknown ResNet {name!r}{did_you_mean(name, SPECS)} (valid names: {", ".join(SPECS)})')
     return name
 
 
@@ -184,7 +183,7 @@ def load_pretrained(backbone, spec):
     backbone: a ``ResNet`` (or a module that holds a ResNet trunk at its top level, as
     ``SimpleBaseline`` does); spec: None / '' (do nothing), a path to a torchvision state dict
     (``fc.*`` keys are ignored), or 'download' (torchvision's URL, cached by torch.hub).
-    Anything that does not match exactly stops the run with one line: ``error: <path>: ...``.
+    Anything that does not match exactly is a one-line ``CheckpointError`` naming the file.
     """
     if not spec:
         return
@@ -196,19 +195,19 @@ def load_pretrained(backbone, spec):
                                                        check_hash=True, weights_only=True)
         except Exception as e:  # no network, proxy, HTTP error, truncated file ...
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise SystemExit(
-                f'error: could not download the ImageNet weights of {arch} from {url} ({reason}); '
+            raise CheckpointError(
+                f'could not download the ImageNet weights of {arch} from {url} ({reason}); '
                 f'download that file by hand and pass its path: --pretrained /path/to/{os.path.basename(url)}')
         where = url
     else:
         where = spec
         if not os.path.isfile(spec):
-            raise SystemExit(f'error: {spec}: no such file (--pretrained takes a .pth path or \'download\')')
+            raise CheckpointError(f'{spec}: no such file (--pretrained takes a .pth path or \'download\')')
         try:
             state = torch.load(spec, map_location='cpu', weights_only=True)
         except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise SystemExit(f'error: {spec}: cannot be read as a PyTorch weights file ({reason})')
+            raise CheckpointError(f'{spec}: cannot be read as a PyTorch weights file ({reason})')
     state = _unwrap(state, where)
 
     expected = trunk_keys(backbone)
@@ -227,7 +226,7 @@ def load_pretrained(backbone, spec):
             parts.append(f'{len(unexpected)} unexpected keys ({_some(unexpected)})')
         if mismatched:
             parts.append(f'{len(mismatched)} shape mismatches ({_some(mismatched)})')
-        raise SystemExit(f'error: {where}: does not hold {arch} ImageNet weights: {"; ".join(parts)}')
+        raise CheckpointError(f'{where}: does not hold {arch} ImageNet weights: {"; ".join(parts)}')
     backbone.load_state_dict(given, strict=False)
 
 
@@ -239,7 +238,7 @@ def _unwrap(state, where):
                 state = state[key]
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SystemExit(f'error: {where}: not a state dict of tensors (got {type(state).__name__})')
+        raise CheckpointError(f'{where}: not a state dict of tensors (got {type(state).__name__})')
     return {(k[7:] if k.startswith('module.') else k): v for k, v in state.items()}
 
 

@@ -50,10 +50,6 @@ class SimpleBaseline(ResNet):
 
     @classmethod
     def from_opts(cls, opts):
-        if opts.outputRes * cls.stride != opts.inputRes:
-            raise SystemExit(f'error: SimpleBaseline predicts heatmaps at 1/{cls.stride} of the input: '
-                             f'outputRes must be inputRes/{cls.stride} = {opts.inputRes / cls.stride:g}, '
-                             f'got outputRes {opts.outputRes} for inputRes {opts.inputRes}')
         model = cls(n_joints=opts.nJoints, base_name=opts.baseName)
         load_pretrained(model, opts.pretrained)
         return model

@@ -2,8 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.codecs import CoordinateCodec, HeatmapCodec
+from datasets.codecs import CODECS, CoordinateCodec, HeatmapCodec, codec_from_settings
 from datasets.joints import COCO, LSP, MPII
+
+
+def encode(codec, joints, visible):
+    """One person's (K, 2) keypoints and (K,) visibility through the codec's encode."""
+    return codec.encode(dict(keypoints=np.asarray(joints, np.float32)[None],
+                             visible=np.asarray(visible, np.float32)[None]))
 
 
 def test_heatmap_round_trip_within_half_a_heatmap_pixel():
@@ -11,9 +17,10 @@ def test_heatmap_round_trip_within_half_a_heatmap_pixel():
     rng = np.random.default_rng(0)
     # every joint whose Gaussian centre int(x / 4 + 0.5) lies on the 64 x 64 map
     joints = rng.uniform(0, 4 * 63.5 - 1e-3, (500, 2)).astype(np.float32)
-    target, weight = codec.encode(joints, np.ones(500))
+    t = encode(codec, joints, np.ones(500))
+    target, weight = t['heatmap'], t['heatmap_weight']
     assert weight.min() == 1
-    coords, scores = codec.decode(target[None])
+    coords, scores = codec.decode_heatmaps(target[None])
     err = np.abs(coords[0] - joints) / 4.0  # in heatmap pixels
     assert err.max() <= 0.5 + 1e-6
     assert np.allclose(scores, 1.0)
@@ -21,7 +28,7 @@ def test_heatmap_round_trip_within_half_a_heatmap_pixel():
 
 def test_heatmap_target_follows_msra_convention():
     codec = HeatmapCodec(256, 64, 2.0)
-    target, weight = codec.encode(np.array([[41.0, 22.5]]), np.array([1]))
+    target = encode(codec, np.array([[41.0, 22.5]]), np.array([1]))['heatmap']
     # centre int(x / 4 + 0.5): x 41 -> 10, y 22.5 -> 6
     assert np.unravel_index(target[0].argmax(), target[0].shape) == (6, 10)
     assert target[0, 6, 10] == 1.0
@@ -33,7 +40,8 @@ def test_heatmap_target_follows_msra_convention():
 def test_heatmap_weights_unlabelled_and_outside():
     codec = HeatmapCodec(64, 16, 1.0)
     joints = np.array([[10, 10], [10, 10], [-30, 10], [90, 90], [-5, 8]], np.float32)
-    target, weight = codec.encode(joints, np.array([1, 0, 1, 1, 1]))
+    t = encode(codec, joints, np.array([1, 0, 1, 1, 1]))
+    target, weight = t['heatmap'], t['heatmap_weight']
     assert weight.tolist() == [1, 0, 0, 0, 1]  # the last is outside but its Gaussian reaches in
     assert target[1].max() == 0 and target[2].max() == 0
     assert target[4].max() > 0
@@ -45,7 +53,7 @@ def test_quarter_pixel_shift_towards_higher_neighbour():
     hm[0, 0, 5, 7] = 1.0
     hm[0, 0, 5, 8] = 0.5   # right neighbour higher than left
     hm[0, 0, 4, 7] = 0.3   # upper neighbour higher than lower
-    coords, _ = codec.decode(hm)
+    coords, _ = codec.decode_heatmaps(hm)
     assert np.allclose(coords[0, 0], [(7.25) * 4, (4.75) * 4])
 
 
@@ -71,12 +79,56 @@ def test_flip_pairs_are_an_involution(js):
 def test_coordinate_codec_round_trip_and_flip():
     codec = CoordinateCodec(64)
     joints = np.array([[0, 0], [63, 10], [31.5, 40], [80, 5]], np.float32)
-    target, weight = codec.encode(joints, np.array([1, 1, 1, 1]))
+    t = encode(codec, joints, np.array([1, 1, 1, 1]))
+    target, weight = t['coords'], t['coords_weight']
     assert weight.tolist() == [1, 1, 1, 0]
-    back, _ = codec.decode(target[None])
-    assert np.allclose(back[0, :3], joints[:3], atol=1e-4)
+    back, _ = codec.decode_crop([target[None]])
+    assert back.shape == (1, 1, 4, 2)
+    assert np.allclose(back[0, 0, :3], joints[:3], atol=1e-4)
     # flipping the crop maps x to 63 - x; flip_back must undo it exactly
     perm = torch.arange(4)
     flipped = torch.as_tensor(((np.stack([63 - joints[:, 0], joints[:, 1]], 1)) / 64 - 0.5)[None])
-    restored, _ = codec.decode(codec.flip_back(flipped, perm))
-    assert np.allclose(restored[0], joints, atol=1e-4)
+    restored, _ = codec.decode_crop([codec.flip_back(flipped, perm)])
+    assert np.allclose(restored[0, 0], joints, atol=1e-4)
+
+
+def test_codecs_are_registered_by_target_and_rebuild_from_their_settings():
+    assert CODECS['heatmap'] is HeatmapCodec and CODECS['coords'] is CoordinateCodec
+    codec = HeatmapCodec((192, 256), (48, 64), 1.5)
+    again = codec_from_settings(codec.settings())
+    assert type(again) is HeatmapCodec and again.settings() == codec.settings()
+    assert (again.input_size, again.output_size, again.sigma) == ((192, 256), (48, 64), 1.5)
+    assert codec_from_settings(CoordinateCodec(64).settings()).input_size == (64, 64)
+
+
+def test_heatmap_of_several_people_takes_the_maximum():
+    codec = HeatmapCodec(64, 16, 1.0)
+    a = np.array([[[10.0, 10.0], [40.0, 40.0]]])                    # person 1: joints 0 and 1
+    b = np.array([[[14.0, 10.0], [0.0, 0.0]]])                      # person 2: joint 0 only
+    both = codec.encode(dict(keypoints=np.concatenate([a, b]), visible=np.array([[1, 1], [1, 0]])))
+    one = codec.encode(dict(keypoints=a, visible=np.ones((1, 2))))
+    two = codec.encode(dict(keypoints=b, visible=np.array([[1, 0]])))
+    assert np.array_equal(both['heatmap'], np.maximum(one['heatmap'], two['heatmap']))
+    assert both['heatmap_weight'].tolist() == [1, 1] and two['heatmap_weight'].tolist() == [1, 0]
+    none = codec.encode(dict(keypoints=np.zeros((0, 2, 2)), visible=np.zeros((0, 2))))
+    assert none['heatmap'].max() == 0 and none['heatmap_weight'].tolist() == [0, 0]
+
+
+def test_non_square_round_trip_in_original_pixels():
+    """A 256x192 crop: the codec's 64x48 maps decode back onto the encoded points, and decode()
+    maps them to the original image through the sample's affine."""
+    from datasets.pipeline import affine_matrix, transform_points
+    codec = HeatmapCodec((192, 256), (48, 64), 2.0)
+    rng = np.random.default_rng(3)
+    original = rng.uniform(100, 300, (17, 2))
+    m = affine_matrix((200.0, 200.0), 240.0, (192, 256), rotation=20.0)
+    crop = transform_points(original, m)
+    t = encode(codec, crop, np.ones(17))
+    assert t['heatmap'].shape == (17, 64, 48)
+    batch = dict(heatmap=torch.from_numpy(t['heatmap'][None]),
+                 meta=dict(affine=torch.from_numpy(m[None].astype(np.float32)), index=torch.tensor([7])))
+    people = codec.decode([batch['heatmap']], batch)
+    assert len(people) == 1 and people[0]['index'] == 7 and people[0]['keypoints'].shape == (1, 17, 2)
+    # quarter-pixel decoding on a 4-pixel grid, scaled by the crop's zoom (240 / 192)
+    err = np.abs(people[0]['keypoints'][0] - original).max()
+    assert err <= 0.5 * 4 * 240 / 192 * 2 ** 0.5

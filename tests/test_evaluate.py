@@ -9,7 +9,9 @@ import pytest
 import scipy.io
 
 from conftest import ROOT, fixture_path
+from datasets import formats
 from utils import evaluate, metrics
+from utils.errors import DatasetError
 
 COLUMNS = ['Head', 'Shoulder', 'Elbow', 'Wrist', 'Hip', 'Knee', 'Ankle', 'Mean', 'Mean@0.1',
            'per_joint']
@@ -30,7 +32,7 @@ def test_mpii_cli_writes_json(tmp_path):
     pred[1::2, :, 0] += 0.6 * head[1::2, None]          # odd persons: every joint wrong
     pred[0::2, :, 1] += 0.3 * head[0::2, None]          # even persons: right at 0.5, not at 0.1
     pred_path = str(tmp_path / 'pred.mat')
-    metrics.save_pred_mat(pred_path, pred)
+    formats.save_pred_mat(pred_path, pred)
     out = str(tmp_path / 'x.json')
     r = _cli('mpii', '--pred', pred_path, '--gt', gt_path, '--out', out)
     assert r.returncode == 0, r.stderr
@@ -55,7 +57,7 @@ def test_cli_error_is_one_line_naming_the_file(tmp_path):
     assert r.stderr.strip() == f'error: {missing}: file not found'
     bad = tmp_path / 'gt.mat'
     bad.write_text('garbage')
-    metrics.save_pred_mat(str(tmp_path / 'p.mat'), np.zeros((2958, 16, 2)))
+    formats.save_pred_mat(str(tmp_path / 'p.mat'), np.zeros((2958, 16, 2)))
     r = _cli('mpii', '--pred', str(tmp_path / 'p.mat'), '--gt', str(bad))
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
@@ -77,8 +79,8 @@ def test_lsp_cli_both_layouts(tmp_path, capsys):
     torso = np.linalg.norm(xy[:, 9] - xy[:, 2], axis=1)
     pred = xy.copy()
     pred[:, 0, 0] += 0.25 * torso              # right ankle wrong everywhere
-    metrics.save_pred_mat(str(tmp_path / 'all.mat'), pred)
-    metrics.save_pred_mat(str(tmp_path / 'test.mat'), pred[1000:])
+    formats.save_pred_mat(str(tmp_path / 'all.mat'), pred)
+    formats.save_pred_mat(str(tmp_path / 'test.mat'), pred[1000:])
     for p in ('all.mat', 'test.mat'):
         out = str(tmp_path / f'{p}.json')
         assert evaluate.main(['lsp', '--pred', str(tmp_path / p), '--gt', gt_path,
@@ -93,15 +95,15 @@ def test_lsp_cli_both_layouts(tmp_path, capsys):
     # LSP-extended layout (flag 1 = visible), whole file; --visible-only scores visible joints
     small = str(tmp_path / 'lspet.mat')
     _write_lsp(small, xy[:10], 1 - flag[:10], extended=True)
-    metrics.save_pred_mat(str(tmp_path / 'p10.mat'), xy[:10])
+    formats.save_pred_mat(str(tmp_path / 'p10.mat'), xy[:10])
     out = str(tmp_path / 'et.json')
     evaluate.main(['lsp', '--pred', str(tmp_path / 'p10.mat'), '--gt', small, '--split', 'all',
                    '--visible-only', '--out', out])
     with open(out) as f:
         assert json.load(f)['Mean'] == 100.0
-    with pytest.raises(SystemExit, match='lspet.mat: 10 images; the LSP test split'):
+    with pytest.raises(DatasetError, match='lspet.mat: 10 images; the LSP test split'):
         evaluate.main(['lsp', '--pred', str(tmp_path / 'p10.mat'), '--gt', small])
-    with pytest.raises(SystemExit, match=r'p10.mat: 10 predictions, expected 1000'):
+    with pytest.raises(DatasetError, match=r'p10.mat: 10 predictions, expected 1000'):
         evaluate.main(['lsp', '--pred', str(tmp_path / 'p10.mat'), '--gt', gt_path])
 
 
@@ -111,17 +113,17 @@ def test_lip_cli_matches_rows_by_name(tmp_path):
         lines = [next(f) for _ in range(300)]
     gt_path = tmp_path / 'gt.csv'
     gt_path.write_text(''.join(lines))
-    names, gt, vis = metrics.read_lip_csv(str(gt_path))
+    names, gt, vis, _ = formats.read_lip_csv(str(gt_path))
     order = np.random.default_rng(0).permutation(len(names))
     pred_path = str(tmp_path / 'pred.csv')
-    metrics.write_lip_csv(pred_path, [names[i] for i in order], gt[order])
+    formats.write_lip_csv(pred_path, [names[i] for i in order], gt[order])
     out = str(tmp_path / 'lip.json')
     assert evaluate.main(['lip', '--pred', pred_path, '--gt', str(gt_path), '--out', out]) == 0
     with open(out) as f:
         t = json.load(f)
     assert list(t) == COLUMNS and t['Mean'] == 100.0 and t['Head'] == 100.0
-    metrics.write_lip_csv(pred_path, names[1:], gt[1:])
-    with pytest.raises(SystemExit, match=f'pred.csv: no prediction for 1 of 300 images.*{names[0]}'):
+    formats.write_lip_csv(pred_path, names[1:], gt[1:])
+    with pytest.raises(DatasetError, match=f'pred.csv: no prediction for 1 of 300 images.*{names[0]}'):
         evaluate.main(['lip', '--pred', pred_path, '--gt', str(gt_path)])
 
 
@@ -141,5 +143,5 @@ def test_coco_cli(tmp_path):
     assert list(t) == list(metrics.COCO_STATS)
     assert all(v == pytest.approx(1.0) for v in t.values())
     pred.write_text('{"not": "a list"}')
-    with pytest.raises(SystemExit, match='results.json: expected a json list'):
+    with pytest.raises(DatasetError, match='results.json: expected a json list'):
         evaluate.main(['coco', '--pred', str(pred), '--gt', gt_path])

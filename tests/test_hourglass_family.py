@@ -10,10 +10,10 @@ import torch.nn as nn
 
 import opts
 from datasets.codecs import HeatmapCodec
-from models import MODELS, build_model
+from datasets.base import collate
+from models import MODELS, build_model, count_parameters
 from models.attention import MeanFieldAttention, PartAttention, PoseAttention
 from models.hourglass import StackedHourglass
-from models.layers import count_parameters
 from models.pyranet import FractionalMaxPool2d, PyraNet
 from models.softgated import SoftGatedHourglass, SoftGatedResidual
 
@@ -46,17 +46,18 @@ def tiny(name, num_joints=16, seed=0):
 
 
 def blob_batch(n=2, num_joints=16, seed=0):
-    """Random images and Gaussian-blob targets from the project's codec."""
+    """Random images and Gaussian-blob targets from the project's codec, collated as the trainer
+    gets them: (codec, batch dict)."""
     rng = np.random.default_rng(seed)
     codec = HeatmapCodec(RES, RES // 4, sigma=2.0)
-    targets, weights = [], []
+    samples = []
     for _ in range(n):
-        joints = rng.uniform(8, RES - 8, size=(num_joints, 2)).astype(np.float32)
-        t, w = codec.encode(joints, np.ones(num_joints))
-        targets.append(t)
-        weights.append(w)
-    images = torch.from_numpy(rng.standard_normal((n, 3, RES, RES)).astype(np.float32))
-    return codec, images, torch.from_numpy(np.stack(targets)), torch.from_numpy(np.stack(weights))
+        sample = dict(image=torch.from_numpy(rng.standard_normal((3, RES, RES)).astype(np.float32)),
+                      keypoints=rng.uniform(8, RES - 8, size=(1, num_joints, 2)).astype(np.float32),
+                      visible=np.ones((1, num_joints), np.float32))
+        sample.update(codec.encode(sample))
+        samples.append(sample)
+    return codec, collate(samples)
 
 
 def first_conv(model):
@@ -87,8 +88,8 @@ def test_non_square_input(name):
 @pytest.mark.parametrize('name', NAMES)
 def test_gradients_reach_first_conv(name):
     model = tiny(name)
-    codec, images, target, weight = blob_batch()
-    codec.loss(model(images), target, weight).backward()
+    codec, batch = blob_batch()
+    codec.loss(model(batch['image']), batch)['heatmap'].backward()
     grad = first_conv(model).weight.grad
     assert grad is not None and grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.parameters()), 'a parameter got no gradient'
@@ -97,7 +98,7 @@ def test_gradients_reach_first_conv(name):
 @pytest.mark.parametrize('name', NAMES)
 def test_state_dict_roundtrip(name, tmp_path):
     model = tiny(name, seed=0)
-    _, images, _, _ = blob_batch()
+    images = blob_batch()[1]['image']
     model(images)  # move the BN running statistics off their initial values
     model.eval()
     path = tmp_path / 'model.pth'
@@ -117,7 +118,7 @@ def test_state_dict_roundtrip(name, tmp_path):
 @pytest.mark.parametrize('optimizer', ['SGD', 'RMSprop'])
 def test_two_steps_lower_the_loss(name, optimizer):
     model = tiny(name)
-    codec, images, target, weight = blob_batch()
+    codec, batch = blob_batch()
     if optimizer == 'SGD':
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     else:
@@ -125,7 +126,7 @@ def test_two_steps_lower_the_loss(name, optimizer):
 
     def loss():
         torch.manual_seed(123)  # same fractional-pooling draws for every evaluation
-        return codec.loss(model(images), target, weight)
+        return codec.loss(model(batch['image']), batch)['heatmap']
 
     start = loss()
     for _ in range(2):
@@ -169,7 +170,7 @@ def test_stem_channels_narrow_only_the_stem():
 def test_quick_start_config_builds_the_narrow_stem_hourglass():
     o = opts.parse(['-DataConfig', 'conf/datasets/synthetic.defconf',
                     '-ModelConfig', 'conf/models/hourglass_quick.defconf'])
-    assert (o.stemChannels, o.nChannels, o.nStack, o.inputRes, o.outputRes) == (64, 96, 2, 128, 32)
+    assert (o.stemChannels, o.nChannels, o.nStack, o.inputRes, o.outputRes) == (64, 96, 2, (128, 128), (32, 32))
     with torch.device('meta'):
         quick = build_model(o)
         paper_stem = build_model(opts.parse(['--nStack', '2', '--nChannels', '96']))
@@ -195,7 +196,10 @@ def test_pose_attention_is_not_the_plain_hourglass():
 def test_defconf_names_its_model(conf, cls):
     o = opts.parse(['-ModelConfig', f'conf/models/{conf}.defconf'])
     assert MODELS[o.model] is cls
-    assert (o.inputRes, o.outputRes) == (256, 64)
+    # the sizes come from the dataset config: MPII's 256x256, COCO's published 256x192
+    for data, size in (('mpii', ((256, 256), (64, 64))), ('coco', ((256, 192), (64, 48)))):
+        o = opts.parse(['-DataConfig', f'conf/datasets/{data}.defconf', '-ModelConfig', f'conf/models/{conf}.defconf'])
+        assert (o.inputRes, o.outputRes) == size
 
 
 def paper_count(conf):

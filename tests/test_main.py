@@ -10,7 +10,9 @@ import torch
 import main as main_module
 import opts as options
 from datasets.codecs import HeatmapCodec
+from utils import checkpoint
 from utils import trainer as trainer_module
+from utils.errors import PoseError
 
 TINY = ['--dataset', 'Synthetic', '--nTrainSamples', '24', '--nValSamples', '8', '--syntheticRes', '64',
         '--inputRes', '32', '--outputRes', '8', '--hmGauss', '1', '--model', 'StackedHourGlass',
@@ -30,7 +32,9 @@ def test_training_run_leaves_its_artefacts(tmp_path):
     history = json.loads((d / 'metrics.json').read_text())
     assert history[0]['epoch'] == 1 and 'Mean' in history[0]['val']
     assert history[0]['val_headline'] == pytest.approx(result['headline'])
-    assert result['preds'].shape == (8, 16, 2)
+    assert len(result['predictions']) == 8
+    assert all(p['keypoints'].shape == (1, 16, 2) and p['scores'].shape == (1, 16) for p in result['predictions'])
+    assert sorted(p['index'] for p in result['predictions']) == list(range(8))
     # the resolved config reproduces every option on its own
     again = options.parse(['-DataConfig', str(d / 'config.defconf')])
     first = options.parse(TINY + ['--expDir', str(tmp_path), '--expID', 'a', '--nEpochs', '1'])
@@ -83,7 +87,7 @@ def test_test_mode_reproduces_recorded_score_and_writes_predictions(tmp_path):
     assert result['headline'] == pytest.approx(recorded, abs=1e-9)
     saved = json.loads((tmp_path / 't' / 'test_metrics.json').read_text())
     assert saved['headline'] == pytest.approx(recorded, abs=1e-9)
-    from utils.metrics import load_pred_mat
+    from datasets.formats import load_pred_mat
     preds = load_pred_mat(str(tmp_path / 't' / 'pred.mat'))
     assert preds.shape == (8, 16, 2)
     flipped = run(tmp_path, 'tf', '-test', '--loadModel', str(best), '--flipTest')
@@ -93,21 +97,21 @@ def test_test_mode_reproduces_recorded_score_and_writes_predictions(tmp_path):
 def test_checkpoint_of_another_architecture_is_one_line_error(tmp_path):
     run(tmp_path, 'a', '--nEpochs', '1')
     ckpt = str(tmp_path / 'a' / 'model_last.pth')
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(PoseError) as e:
         run(tmp_path, 'b', '-test', '--loadModel', ckpt, '--nStack', '3')
     msg = str(e.value)
     assert 'nStack 2 vs 3' in msg and ckpt in msg and '\n' not in msg
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(PoseError) as e:
         run(tmp_path, 'b', '-test', '--loadModel', ckpt, '--stemChannels', '32')
     assert 'stemChannels 128 vs 32' in str(e.value)
     state = torch.load(ckpt, weights_only=True)
     state['arch']['nJoints'] = 14
     torch.save(state, tmp_path / 'k14.pth')
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(PoseError) as e:
         run(tmp_path, 'c', '-test', '--loadModel', str(tmp_path / 'k14.pth'))
     assert 'nJoints 14 vs 16' in str(e.value)
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(PoseError) as e:
         run(tmp_path, 'd', '-test', '--loadModel', str(tmp_path / 'junk.pth'))
     assert 'not a readable checkpoint' in str(e.value)
 
@@ -116,8 +120,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     run(tmp_path, 'a', '--nEpochs', '1')
     last = tmp_path / 'a' / 'model_last.pth'
     before = last.read_bytes()
-    monkeypatch.setattr(HeatmapCodec, 'loss', lambda self, o, t, w: sum(x.mean() for x in o) * float('nan'))
-    with pytest.raises(SystemExit) as e:
+    monkeypatch.setattr(HeatmapCodec, 'loss', lambda self, o, batch: {'heatmap': sum(x.mean() for x in o) * float('nan')})
+    with pytest.raises(PoseError) as e:
         run(tmp_path, 'a', '--nEpochs', '2', '--loadModel', str(last))
     assert 'loss is nan at epoch 2' in str(e.value) and str(last) in str(e.value)
     assert last.read_bytes() == before
@@ -125,16 +129,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / 'model_last.pth')
-    trainer_module.save_atomic({'x': torch.ones(2)}, path)
+    checkpoint.save({'x': torch.ones(2)}, path)
 
     def crash(obj, f):
-        with open(f, 'wb') as fh:
-            fh.write(b'half')
+        f.write(b'half')
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(OSError):
-        trainer_module.save_atomic({'x': torch.zeros(2)}, path)
+        checkpoint.save({'x': torch.zeros(2)}, path)
     assert torch.equal(torch.load(path, weights_only=True)['x'], torch.ones(2))
+    assert os.listdir(tmp_path) == ['model_last.pth']      # the temporary file is gone
 
 
 def test_summary_prints_exact_parameter_count(capsys):
@@ -147,12 +151,12 @@ def test_summary_prints_exact_parameter_count(capsys):
 
 
 def test_joint_count_and_stride_are_checked(tmp_path):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(PoseError) as e:
         run(tmp_path, 'x', '--nJoints', '17', '--nEpochs', '1')
     assert '--nJoints 17 does not match dataset Synthetic (16 joints)' in str(e.value)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(PoseError) as e:
         run(tmp_path, 'x', '--outputRes', '16', '--nEpochs', '1')
-    assert 'expected outputRes 8' in str(e.value)
+    assert 'outputRes must be inputRes/4 = 8' in str(e.value)
 
 
 def test_loader_workers_survive_several_epochs_with_drawing(tmp_path):

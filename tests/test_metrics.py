@@ -7,7 +7,9 @@ import scipy.io
 
 from conftest import fixture_path
 from datasets.joints import COCO, LSP, MPII
+from datasets import formats as F
 from utils import metrics as M
+from utils.errors import DatasetError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,22 +193,22 @@ def test_oks_nms_uses_mean_of_the_two_areas():
 def test_pred_mat_roundtrip_and_errors(tmp_path):
     preds = np.random.default_rng(0).uniform(0, 500, (7, 16, 2))
     path = str(tmp_path / 'sub' / 'pred.mat')
-    M.save_pred_mat(path, preds)
-    np.testing.assert_array_equal(M.load_pred_mat(path), preds)
-    with pytest.raises(SystemExit, match='missing.mat: file not found'):
-        M.load_pred_mat(str(tmp_path / 'missing.mat'))
+    F.save_pred_mat(path, preds)
+    np.testing.assert_array_equal(F.load_pred_mat(path), preds)
+    with pytest.raises(DatasetError, match='missing.mat: file not found'):
+        F.load_pred_mat(str(tmp_path / 'missing.mat'))
     other = str(tmp_path / 'other.mat')
     scipy.io.savemat(other, {'x': preds})
-    with pytest.raises(SystemExit, match="other.mat: no 'preds'"):
-        M.load_pred_mat(other)
+    with pytest.raises(DatasetError, match="other.mat: no 'preds'"):
+        F.load_pred_mat(other)
     scipy.io.savemat(other, {'preds': preds[0]})
-    with pytest.raises(SystemExit, match=r"other.mat: 'preds' has shape \(16, 2\)"):
-        M.load_pred_mat(other)
+    with pytest.raises(DatasetError, match=r"other.mat: 'preds' has shape \(16, 2\)"):
+        F.load_pred_mat(other)
     junk = tmp_path / 'junk.mat'
     junk.write_text('not a mat file\n')
-    with pytest.raises(SystemExit) as e:
-        M.load_pred_mat(str(junk))
-    assert str(e.value.code).startswith(f'error: {junk}: ') and '\n' not in str(e.value.code)
+    with pytest.raises(DatasetError) as e:
+        F.load_pred_mat(str(junk))
+    assert str(e.value).startswith(f'{junk}: ') and '\n' not in str(e.value)
 
 
 def test_read_lsp_joints_both_layouts(tmp_path):
@@ -217,41 +219,43 @@ def test_read_lsp_joints_both_layouts(tmp_path):
     scipy.io.savemat(str(tmp_path / 'lsp.mat'), {'joints': lsp})
     lspet = np.concatenate([xy, flag[..., None]], axis=2).transpose(1, 2, 0)    # 14 x 3 x N
     scipy.io.savemat(str(tmp_path / 'lspet.mat'), {'joints': lspet})
-    j, v = M.read_lsp_joints(str(tmp_path / 'lsp.mat'))
+    j, v, layout = F.read_lsp_joints(str(tmp_path / 'lsp.mat'))
+    assert layout == 'lsp'
     np.testing.assert_array_equal(j, xy)
     np.testing.assert_array_equal(v, 1 - flag)            # LSP: flag 0 = visible
-    j, v = M.read_lsp_joints(str(tmp_path / 'lspet.mat'))
+    j, v, layout = F.read_lsp_joints(str(tmp_path / 'lspet.mat'))
+    assert layout == 'lspet'
     np.testing.assert_array_equal(j, xy)
     np.testing.assert_array_equal(v, flag)                # LSP-extended: flag 1 = visible
     t = M.lsp_pck_table(j, j, np.ones_like(v))
     assert t['Mean'] == 100.0
     scipy.io.savemat(str(tmp_path / 'bad.mat'), {'joints': np.zeros((2, 14, 5))})
-    with pytest.raises(SystemExit, match="bad.mat: 'joints' has shape"):
-        M.read_lsp_joints(str(tmp_path / 'bad.mat'))
+    with pytest.raises(DatasetError, match="bad.mat: 'joints' has shape"):
+        F.read_lsp_joints(str(tmp_path / 'bad.mat'))
 
 
 def test_lip_csv_roundtrip_and_errors(tmp_path):
     gt = tmp_path / 'gt.csv'
     row = ['a_1.jpg'] + ['nan'] * 3 + ['%d,%d,%d' % (i, 2 * i, i % 2) for i in range(1, 16)]
     gt.write_text(','.join(row) + '\n\n' + ','.join(['b_2.jpg'] + ['1,2,0'] * 16))
-    names, j, v, occ = M.read_lip_csv(str(gt), return_occluded=True)
+    names, j, v, occ = F.read_lip_csv(str(gt))
     assert names == ['a_1.jpg', 'b_2.jpg']
     assert np.isnan(j[0, 0]).all() and j[0, 3].tolist() == [3.0, 6.0]
     assert v[0].tolist() == [0] + [1] * 15 and v[1].all()
     assert occ[0, 2] == 0 and occ[0, 3] == 1 and occ[0, 0] == 0
     out = str(tmp_path / 'pred.csv')
-    M.write_lip_csv(out, names, j)
-    names2, j2, v2 = M.read_lip_csv(out)
+    F.write_lip_csv(out, names, j)
+    names2, j2, v2, _ = F.read_lip_csv(out)
     assert names2 == names
     np.testing.assert_array_equal(j2, j)
     np.testing.assert_array_equal(v2, v)
     bad = tmp_path / 'bad.csv'
     bad.write_text('x.jpg,1,2,3\n')
-    with pytest.raises(SystemExit, match='bad.csv: line 1: 4 fields'):
-        M.read_lip_csv(str(bad))
+    with pytest.raises(DatasetError, match='bad.csv: line 1: 4 fields'):
+        F.read_lip_csv(str(bad))
     bad.write_text('x.jpg,' + ','.join(['oops'] * 32) + '\n')
-    with pytest.raises(SystemExit, match='bad.csv: line 1: not a number'):
-        M.read_lip_csv(str(bad))
+    with pytest.raises(DatasetError, match='bad.csv: line 1: not a number'):
+        F.read_lip_csv(str(bad))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,15 +309,15 @@ def test_mpii_official_known_perturbations(mpii_gt):
 
 def test_mpii_official_bad_inputs(mpii_gt, tmp_path):
     path, gt, _, _ = mpii_gt
-    with pytest.raises(SystemExit, match=r'predictions have shape \(10, 16, 2\)'):
+    with pytest.raises(DatasetError, match=r'predictions have shape \(10, 16, 2\)'):
         M.mpii_official(gt[:10], path)
     scipy.io.savemat(str(tmp_path / 'g.mat'), {'pos_gt_src': np.zeros((16, 2, 3))})
-    with pytest.raises(SystemExit, match="g.mat: no 'jnt_missing'"):
+    with pytest.raises(DatasetError, match="g.mat: no 'jnt_missing'"):
         M.mpii_official(gt[:3], str(tmp_path / 'g.mat'))
 
 
 def test_lip_fixture_ground_truth_scores_100():
-    names, gt, vis = M.read_lip_csv(fixture_path('lip', 'lip_val_annotations.csv'))
+    names, gt, vis, _ = F.read_lip_csv(fixture_path('lip', 'lip_val_annotations.csv'))
     assert len(names) == 10000 and gt.shape == (10000, 16, 2)
     assert vis.sum() == np.isfinite(gt[..., 0]).sum() < 160000
     t = M.lip_pckh_table(gt, gt, vis)
@@ -347,5 +351,5 @@ def test_coco_ground_truth_as_results_gives_ap_1():
     moved = [dict(r, keypoints=(np.array(r['keypoints']) + [3.0, 0, 0]).tolist()) for r in results]
     s = M.coco_oks_ap(moved, path)
     assert s['AP .5'] == pytest.approx(1.0) and 0.3 < s['AP'] < 0.99
-    with pytest.raises(SystemExit, match='not in the annotations'):
+    with pytest.raises(DatasetError, match='not in the annotations'):
         M.coco_oks_ap([dict(results[0], image_id=-5)], path)

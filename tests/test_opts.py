@@ -4,6 +4,7 @@ import sys
 import pytest
 
 import opts as options
+from utils.errors import ConfigError
 from conftest import ROOT
 
 
@@ -17,7 +18,7 @@ def test_both_syntaxes_repeats_and_command_line_priority(tmp_path):
     data = write(tmp_path, 'd.defconf', 'dataset: Synthetic\nnJoints = 16\n# a comment\ninputRes: 128\ninputRes = 64\n')
     model = write(tmp_path, 'm.defconf', 'model = StackedHourGlass\nnStack: 4\nLR: 1e-4\n')
     o = options.parse(['-DataConfig', data, '-ModelConfig', model, '--LR', '1e-3'])
-    assert o.inputRes == 64          # the repeated key's last value wins
+    assert o.inputRes == (64, 64)    # the repeated key's last value wins
     assert o.nStack == 4
     assert o.LR == 1e-3              # the command line wins over the file
     assert o.model == 'StackedHourGlass'
@@ -56,7 +57,7 @@ def test_unknown_key_names_file_key_and_closest(tmp_path):
 
 
 def test_out_of_range_value_is_rejected(tmp_path):
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError):
         options.parse(['--maxScale', '2'])
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from datasets.joints import MPII
-from datasets.pipeline import Pipeline, affine_matrix, denormalize, invert_affine, to_original, transform_points
+from datasets.pipeline import Pipeline, affine_matrix, crop_box, denormalize, invert_affine, to_original, transform_points
 
 
 def dot_image(h, w, points):
@@ -33,9 +33,9 @@ def test_keypoints_land_where_their_pixels_land(rotation, flip):
 
 def test_pipeline_flip_swaps_joints_and_mirrors_pixels():
     record = dict(center=np.array([100.0, 100.0]), scale=np.array([1.0, 1.0]),
-                  joints=np.tile([[60.0, 80.0]], (16, 1)), visible=np.ones(16))
-    record['joints'][0] = [70, 120]  # r_ankle
-    img = dot_image(200, 200, [record['joints'][0]])
+                  keypoints=np.tile([[60.0, 80.0]], (1, 16, 1)), visible=np.ones((1, 16)))
+    record['keypoints'][0, 0] = [70, 120]  # r_ankle
+    img = dot_image(200, 200, [record['keypoints'][0, 0]])
     pipe = Pipeline(100, MPII.flip_permutation(), train=True, max_scale=0, max_rotate=0, flip=True, color_jitter=0)
     for seed in range(20):
         out = pipe(img, record, np.random.default_rng(seed))
@@ -44,9 +44,9 @@ def test_pipeline_flip_swaps_joints_and_mirrors_pixels():
     else:
         pytest.fail('no flipped sample drawn')
     # r_ankle of the original is now l_ankle (index 5), mirrored about the crop centre
-    assert np.allclose(out['joints'][5], [100 - (70 - 100) * 0.5 - 50, (120 - 100) * 0.5 + 50])
+    assert np.allclose(out['keypoints'][0, 5], [100 - (70 - 100) * 0.5 - 50, (120 - 100) * 0.5 + 50])
     crop = denormalize(out['image'])[..., 0]
-    assert np.linalg.norm(centroid(crop, out['joints'][5]) - out['joints'][5]) < 0.3
+    assert np.linalg.norm(centroid(crop, out['keypoints'][0, 5]) - out['keypoints'][0, 5]) < 0.3
 
 
 def test_inverse_affine_returns_to_original():
@@ -60,11 +60,50 @@ def test_inverse_affine_returns_to_original():
 
 def test_training_augmentation_is_deterministic_per_generator():
     record = dict(center=np.array([64.0, 64.0]), scale=np.array([0.5, 0.5]),
-                  joints=np.random.default_rng(0).uniform(30, 90, (16, 2)), visible=np.ones(16))
+                  keypoints=np.random.default_rng(0).uniform(30, 90, (1, 16, 2)), visible=np.ones((1, 16)))
     img = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
     pipe = Pipeline(64, MPII.flip_permutation(), train=True)
     a = pipe(img, record, np.random.default_rng([0, 1, 2]))
     b = pipe(img, record, np.random.default_rng([0, 1, 2]))
     c = pipe(img, record, np.random.default_rng([0, 1, 3]))
     assert np.array_equal(a['image'].numpy(), b['image'].numpy())
-    assert not np.array_equal(a['joints'], c['joints'])
+    assert not np.array_equal(a['keypoints'], c['keypoints'])
+
+
+def test_every_person_goes_through_the_same_matrix_and_flip():
+    rng = np.random.default_rng(5)
+    people = rng.uniform(40, 160, (3, 16, 2))
+    record = dict(center=np.array([100.0, 100.0]), scale=np.array([1.0, 1.0]), keypoints=people,
+                  visible=(rng.uniform(size=(3, 16)) > 0.3).astype(np.float32))
+    img = np.zeros((200, 200, 3), np.uint8)
+    pipe = Pipeline((96, 128), MPII.flip_permutation(), train=True, max_scale=0.2, max_rotate=30, flip=True)
+    for seed in range(6):
+        out = pipe(img, record, np.random.default_rng(seed))
+        assert out['keypoints'].shape == (3, 16, 2) and out['visible'].shape == (3, 16)
+        assert tuple(out['image'].shape) == (3, 128, 96)
+        moved = transform_points(people.reshape(-1, 2), out['affine']).reshape(3, 16, 2)
+        flipped = out['affine'][0, 0] < 0
+        perm = MPII.flip_permutation() if flipped else np.arange(16)
+        assert np.allclose(out['keypoints'], moved[:, perm], atol=1e-4)
+        assert np.array_equal(out['visible'], record['visible'][:, perm])
+
+
+def test_a_dot_in_a_256x192_crop_maps_back_within_half_a_pixel():
+    """Non-square input: a tall person box is extended to 192 / 256, the dots painted at the
+    joints land on the keypoints in the crop, and the inverse affine brings them back."""
+    points = np.array([[300.0, 150.0], [260.0, 420.0], [345.0, 300.0]])
+    img = dot_image(520, 640, points)
+    # a box 150 wide and 300 high: extended to 225 x 300 for the 192 x 256 input
+    record = dict(center=np.array([300.0, 280.0]), scale=np.array([150.0, 300.0]) / 200,
+                  keypoints=points[None], visible=np.ones((1, 3)))
+    assert crop_box(record['scale'], (192, 256)) == pytest.approx((225.0, 300.0))
+    out = Pipeline((192, 256), np.arange(3))(img, record)
+    crop = denormalize(out['image'])[..., 0]
+    assert crop.shape == (256, 192)
+    for p in out['keypoints'][0]:
+        assert np.linalg.norm(centroid(crop, p) - p) < 0.5
+    found = np.stack([centroid(crop, p) for p in out['keypoints'][0]])
+    back = to_original(found[None], out['affine'][None])[0]
+    assert np.abs(back - points).max() < 0.5
+    # the extended box fills the crop exactly: zoom 192 / 225 along both axes
+    assert np.allclose(np.abs(np.linalg.det(out['affine'][:, :2])), (192 / 225) ** 2, rtol=1e-5)

@@ -15,10 +15,11 @@ import scipy.io
 import datasets
 import opts as options
 from conftest import fixture_path
-from datasets.base import DatasetError
-from datasets.codecs import build_codec
-from datasets.pipeline import denormalize, to_original, transform_points
+from datasets import formats
+from datasets.codecs import HeatmapCodec
+from datasets.pipeline import crop_box, denormalize, to_original, transform_points
 from utils import metrics
+from utils.errors import DatasetError
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -38,8 +39,8 @@ def link(src, dst):
 
 
 def one_line_error(excinfo, *must_contain):
-    msg = str(excinfo.value.code)
-    assert msg.startswith('error: ') and '\n' not in msg, msg
+    msg = str(excinfo.value)
+    assert isinstance(excinfo.value, DatasetError) and '\n' not in msg, msg
     for s in must_contain:
         assert str(s) in msg, f'{s!r} not in {msg!r}'
     return msg
@@ -85,28 +86,31 @@ def centroid(gray, near, radius):
 def check_pipeline_geometry(rdr, opts, max_records=None):
     """Every record's labelled joints go through the eval pipeline onto the crop pixels that
     carry them, and back to the original within half a pixel."""
-    codec = build_codec('heatmap', opts)
+    codec = HeatmapCodec(opts.inputRes.wh, opts.outputRes.wh, opts.hmGauss)
     ds = datasets.build_dataset(opts, 'val', codec, reader=rdr)
-    size = opts.inputRes
+    width, height = opts.inputRes.wh
     checked = 0
     for i, rec in enumerate(rdr.records[:max_records]):
-        image, target, weight, meta = ds[i]
-        m = np.asarray(meta['affine'], np.float64)
-        lab = rec['visible'] > 0
-        expected = transform_points(rec['joints'], m)
-        assert np.abs(meta['joints'][lab] - expected[lab]).max() < 1e-2
-        back = to_original(np.asarray(meta['joints'])[None], m[None])[0]
-        assert np.abs(back[lab] - rec['joints'][lab]).max() < 0.5
+        sample = ds[i]
+        image = sample['image']
+        assert tuple(image.shape) == (3, height, width)
+        m = np.asarray(sample['meta']['affine'], np.float64)
+        joints, lab = rec['keypoints'][0], rec['visible'][0] > 0
+        crop_joints = sample['keypoints'][0]
+        expected = transform_points(joints, m)
+        assert np.abs(crop_joints[lab] - expected[lab]).max() < 1e-2
+        back = to_original(np.asarray(crop_joints)[None], m[None])[0]
+        assert np.abs(back[lab] - joints[lab]).max() < 0.5
         # the crop is the real image, warped: not blank
         assert denormalize(image).std() > 5
         # paint discs on a black copy of the image at two labelled joints, warp, find them
         original = rdr.load_image(rec)
-        zoom = size / (float(rec['scale'][0]) * 200.0)
+        zoom = width / crop_box(rec['scale'], (width, height))[0]
         r_crop = 4.0
         r = r_crop / min(zoom, 1.0)               # at least 4 px in the crop and in the original
         h, w = original.shape[:2]
-        inside = lab & np.all((expected > 2 * r_crop + 2) & (expected < size - 2 * r_crop - 3), axis=1)
-        inside &= np.all((rec['joints'] > r + 1) & (rec['joints'] < np.array([w, h]) - r - 2), axis=1)
+        inside = lab & np.all((expected > 2 * r_crop + 2) & (expected < np.array([width, height]) - 2 * r_crop - 3), axis=1)
+        inside &= np.all((joints > r + 1) & (joints < np.array([w, h]) - r - 2), axis=1)
         if not inside.any():
             continue
         idx = np.flatnonzero(inside)
@@ -116,11 +120,11 @@ def check_pipeline_geometry(rdr, opts, max_records=None):
         yy, xx = np.mgrid[0:h, 0:w]
         painted = np.zeros_like(original)
         for j in picks:
-            x, y = rec['joints'][j]
+            x, y = joints[j]
             painted[(xx - x) ** 2 + (yy - y) ** 2 <= r * r] = 255
         rdr.load_image = lambda record, _img=painted: _img
         try:
-            crop = denormalize(ds[i][0]).astype(np.float64)[..., 0]
+            crop = denormalize(ds[i]['image']).astype(np.float64)[..., 0]
         finally:
             del rdr.load_image
         for j in picks:
@@ -142,8 +146,8 @@ def test_mpii_json_records_box_and_joints(tmp_path):
         assert np.allclose(rec['center'], [a['center'][0] - 1, a['center'][1] + 15 * s - 1], atol=1e-3)
         assert np.allclose(rec['scale'], [1.25 * s, 1.25 * s], atol=1e-5)
         vis = np.array(a['joints_vis']) > 0
-        assert np.array_equal(rec['visible'] > 0, vis)
-        assert np.allclose(rec['joints'][vis], np.array(a['joints'])[vis] - 1, atol=1e-4)
+        assert np.array_equal(rec['visible'][0] > 0, vis)
+        assert np.allclose(rec['keypoints'][0][vis], np.array(a['joints'])[vis] - 1, atol=1e-4)
         assert rec['image'] == str(tmp_path / 'images' / a['image']) and os.path.isfile(rec['image'])
 
 
@@ -158,12 +162,12 @@ def test_mpii_h5_records_and_same_box_as_json(tmp_path):
         assert os.path.basename(a['image']) == os.path.basename(b['image'])
         assert np.allclose(a['center'], b['center'], atol=1e-3)
         assert np.allclose(a['scale'], b['scale'], atol=1e-4)
-        lab = b['visible'] > 0
-        assert np.array_equal(a['visible'] > 0, lab)
-        assert np.abs(a['joints'][lab] - b['joints'][lab]).max() <= 1.0   # the h5 truncates to integers
-    lab = np.stack([r['visible'] for r in rdr.records]) > 0
+        lab = b['visible'][0] > 0
+        assert np.array_equal(a['visible'][0] > 0, lab)
+        assert np.abs(a['keypoints'][0][lab] - b['keypoints'][0][lab]).max() <= 1.0   # the h5 truncates to integers
+    lab = np.stack([r['visible'][0] for r in rdr.records]) > 0
     assert np.array_equal(lab, (part > 0).any(-1))
-    assert np.allclose(np.stack([r['joints'] for r in rdr.records])[lab], part[lab] - 1)
+    assert np.allclose(np.stack([r['keypoints'][0] for r in rdr.records])[lab], part[lab] - 1)
     assert np.allclose([r['head_size'] for r in rdr.records], normalize)
     # also found directly under dataDir, and --maxValSamples
     assert len(reader('MPII', mpii_h5_layout(tmp_path / 'flat', in_annot=False), 'val', '--maxValSamples', '7')) == 7
@@ -182,7 +186,7 @@ def test_mpii_h5_official_protocol_gives_100_on_ground_truth(tmp_path):
         assert table[column] == pytest.approx(100.0)
     # the h5's own joints (integer-truncated) through the same protocol: gt_valid.mat zeroes a
     # coordinate of 12 labelled joints, the only misses
-    joints = np.stack([r['joints'] for r in rdr.records])
+    joints = np.stack([r['keypoints'][0] for r in rdr.records])
     table, headline = rdr.evaluate(joints, np.ones((n, 16)), np.arange(n))
     assert 99.9 < headline < 100.0
     # a subset: PCKh with the h5 head sizes
@@ -190,12 +194,12 @@ def test_mpii_h5_official_protocol_gives_100_on_ground_truth(tmp_path):
     assert headline == pytest.approx(100.0)
     # pred.mat: 1-based, record order
     path = rdr.save_predictions(joints[perm], None, perm, str(tmp_path / 'out'))
-    assert np.allclose(metrics.load_pred_mat(path), joints + 1)
+    assert np.allclose(formats.load_pred_mat(path), joints + 1)
 
 
 def test_mpii_json_evaluation_head_sizes(tmp_path):
     rdr = reader('MPII', mpii_json_layout(tmp_path / 'gt', with_gt=True))
-    joints = np.stack([r['joints'] for r in rdr.records])
+    joints = np.stack([r['keypoints'][0] for r in rdr.records])
     table, headline = rdr.evaluate(joints, np.ones((5, 16)), np.arange(5))   # head boxes of gt_valid
     assert headline == pytest.approx(100.0)
     shifted = joints + np.array([40.0, 0.0])
@@ -223,24 +227,33 @@ def test_coco_ground_truth_records(tmp_path):
     for rec, a in zip(sorted(rdr.records, key=lambda r: r['ann_id']), sorted(kept, key=lambda a: a['id'])):
         kp = np.array(a['keypoints'], np.float64).reshape(17, 3)
         assert rec['image_id'] == a['image_id'] and os.path.isfile(rec['image'])
-        assert rec['visible'].sum() == a['num_keypoints']
-        assert np.allclose(rec['joints'][kp[:, 2] > 0], kp[kp[:, 2] > 0, :2])
+        assert rec['visible'][0].sum() == a['num_keypoints']
+        assert np.allclose(rec['keypoints'][0][kp[:, 2] > 0], kp[kp[:, 2] > 0, :2])
         x, y, w, h = rec['bbox']
         assert x >= 0 and y >= 0 and x + w <= sizes[a['image_id']][0] - 1 + 1e-3 and w > 0 and h > 0
         assert np.allclose(rec['center'], [x + w / 2, y + h / 2])
-        assert rec['scale'][0] == pytest.approx(rec['scale'][1])                  # aspect 1
-        assert rec['scale'][0] * 200 == pytest.approx(1.25 * max(w, h), rel=1e-5)  # padded 1.25
-        assert rec['area'] == pytest.approx((rec['scale'][0] * 200) ** 2, rel=1e-5)
+        assert np.allclose(rec['scale'] * 200, [1.25 * w, 1.25 * h], rtol=1e-5)   # padded 1.25, not extended
+        side = 1.25 * max(w, h)                                                   # square input: a square crop
+        assert crop_box(rec['scale'], (256, 256)) == pytest.approx((side, side), rel=1e-5)
+        assert rec['area'] == pytest.approx(side * side, rel=1e-5)
         assert rec['score'] == 1.0
     # images directly under dataDir/val2017 too
     assert len(reader('COCO', coco_layout(tmp_path / 'flat', images_under='val2017'))) == 12
+    # the published 256x192 input: HRNet's _box2cs extends the box to width / height = 0.75
+    tall = datasets.build_reader(options.parse(['--dataset', 'COCO', '--dataDir', str(tmp_path), '--inputRes',
+                                                '256x192', '--outputRes', '64x48']), 'val')
+    for rec in tall.records:
+        x, y, w, h = rec['bbox']
+        ew, eh = (w, w / 0.75) if w > 0.75 * h else (h * 0.75, h)
+        assert crop_box(rec['scale'], (192, 256)) == pytest.approx((1.25 * ew, 1.25 * eh), rel=1e-5)
+        assert rec['area'] == pytest.approx(1.25 ** 2 * ew * eh, rel=1e-5)
 
 
 def test_coco_ground_truth_gives_ap_1_and_results_file(tmp_path):
     rdr = reader('COCO', coco_layout(tmp_path))
     n = len(rdr)
-    preds = np.stack([np.where(r['visible'][:, None] > 0, r['joints'], r['center']) for r in rdr.records])
-    scores = np.stack([np.where(r['visible'] > 0, 1.0, 0.0) for r in rdr.records])
+    preds = np.stack([np.where(r['visible'][0][:, None] > 0, r['keypoints'][0], r['center']) for r in rdr.records])
+    scores = np.stack([np.where(r['visible'][0] > 0, 1.0, 0.0) for r in rdr.records])
     table, headline = rdr.evaluate(preds, scores, np.arange(n))
     assert headline == pytest.approx(1.0) and table['AR'] == pytest.approx(1.0)
     path = rdr.save_predictions(preds, scores, np.arange(n), str(tmp_path / 'out'))
@@ -264,7 +277,7 @@ def test_coco_detection_records(tmp_path):
     people = [d for d in dets if d.get('category_id', 1) == 1]
     assert len(rdr) == len(people) > 0
     assert [r['score'] for r in rdr.records] == [d['score'] for d in people]
-    assert all(r['visible'].sum() == 0 and os.path.isfile(r['image']) for r in rdr.records)
+    assert all(r['visible'][0].sum() == 0 and os.path.isfile(r['image']) for r in rdr.records)
     thr = float(np.median([d['score'] for d in people]))
     high = reader('COCO', root, 'val', '--detFile', det_path, '--detThreshold', str(thr))
     assert len(high) == sum(d['score'] >= thr for d in people) < len(rdr)
@@ -277,8 +290,9 @@ def test_coco_detection_records(tmp_path):
     one_line_error(e, 'no_dets.json')
 
 
-def test_coco_images_through_the_pipeline(tmp_path):
-    o = make_opts('COCO', coco_layout(tmp_path))
+@pytest.mark.parametrize('size', [('256', '64'), ('256x192', '64x48')], ids=['square', '256x192'])
+def test_coco_images_through_the_pipeline(tmp_path, size):
+    o = make_opts('COCO', coco_layout(tmp_path), '--inputRes', size[0], '--outputRes', size[1])
     rdr = datasets.build_reader(o, 'val')
     assert check_pipeline_geometry(rdr, o) >= 12
 
@@ -291,21 +305,21 @@ def test_lip_records_and_nan_joints(tmp_path):
     assert len(rdr) == len(rows) == 10000
     values = np.array([[float(v) for v in r[1:]] for r in rows]).reshape(-1, 16, 3)
     labelled = ~np.isnan(values[..., 0])
-    vis = np.stack([r['visible'] for r in rdr.records])
+    vis = np.stack([r['visible'][0] for r in rdr.records])
     assert np.array_equal(vis > 0, labelled) and (vis == 0).sum() > 0
-    joints = np.stack([r['joints'] for r in rdr.records])
+    joints = np.stack([r['keypoints'][0] for r in rdr.records])
     assert np.allclose(joints[labelled], values[..., :2][labelled] - 1)      # 1-based -> 0-based
     assert np.all(joints[~labelled] == 0)
     r0 = rdr.records[0]
     assert r0['image'] == str(tmp_path / 'TrainVal_images' / 'val_images' / rows[0][0])
-    lab = r0['visible'] > 0
+    lab = r0['visible'][0] > 0
     half = r0['scale'][0] * 100
-    assert np.all(np.abs(r0['joints'][lab] - r0['center']) <= half)         # the box holds the joints
+    assert np.all(np.abs(r0['keypoints'][0][lab] - r0['center']) <= half)         # the box holds the joints
     # ground truth -> 100; pred.csv in the annotation frame
     table, headline = rdr.evaluate(joints, np.ones((len(rdr), 16)), np.arange(len(rdr)))
     assert headline == pytest.approx(100.0)
     path = rdr.save_predictions(joints[:50], None, np.arange(50), str(tmp_path / 'out'))
-    names, back, _ = metrics.read_lip_csv(path)
+    names, back, _, _ = formats.read_lip_csv(path)
     assert names == [r[0] for r in rows[:50]]
     assert np.allclose(back[labelled[:50]], values[:50, :, :2][labelled[:50]], atol=1e-3)
 
@@ -341,10 +355,10 @@ def test_lsp_both_layouts_flags_and_frames(tmp_path):
     assert len(val) == 1000
     r = val.records[0]                                  # LSP image 1001
     assert r['image'] == str(tmp_path / 'images' / 'im1001.jpg')
-    assert np.allclose(r['joints'], lsp[:2, :, 1000].T - 1, atol=1e-5)
-    assert np.all(r['visible'] == 1)                    # every LSP joint is labelled ...
-    assert np.array_equal(r['occluded'], lsp[2, :, 1000])   # ... flag 1 = occluded (0 = visible)
-    lo, hi = r['joints'].min(0), r['joints'].max(0)
+    assert np.allclose(r['keypoints'][0], lsp[:2, :, 1000].T - 1, atol=1e-5)
+    assert np.all(r['visible'][0] == 1)                    # every LSP joint is labelled ...
+    assert np.array_equal(r['occluded'][0], lsp[2, :, 1000])   # ... flag 1 = occluded (0 = visible)
+    lo, hi = r['keypoints'][0].min(0), r['keypoints'][0].max(0)
     assert np.allclose(r['center'], (lo + hi) / 2, atol=1e-4)
     assert r['scale'][0] * 200 == pytest.approx(1.25 * (hi - lo).max(), rel=1e-5)
 
@@ -355,20 +369,20 @@ def test_lsp_both_layouts_flags_and_frames(tmp_path):
     assert all(t['index_in_file'] != 3 for t in e)
     for t in e:
         flag = ext[:, 2, t['index_in_file']]
-        assert np.array_equal(t['visible'], flag)       # LSP-extended: flag 1 = visible
+        assert np.array_equal(t['visible'][0], flag)       # LSP-extended: flag 1 = visible
         lab = flag > 0
-        assert np.allclose(t['joints'][lab], ext[lab, :2, t['index_in_file']] - 1, atol=1e-5)
-        assert np.all(t['joints'][~lab] == 0)
+        assert np.allclose(t['keypoints'][0][lab], ext[lab, :2, t['index_in_file']] - 1, atol=1e-5)
+        assert np.all(t['keypoints'][0][~lab] == 0)
     assert len(reader('LSP', tmp_path, 'train', '--maxTrainSamples', '10')) == 10
 
     # ground truth -> 100; pred.mat back in the frame of joints.mat
-    joints = np.stack([r['joints'] for r in val.records])
+    joints = np.stack([r['keypoints'][0] for r in val.records])
     table, headline = val.evaluate(joints, np.ones((1000, 14)), np.arange(1000))
     assert headline == pytest.approx(100.0)
     assert val.evaluate(joints + 30, np.ones((1000, 14)), np.arange(1000))[1] < 100
     perm = np.random.default_rng(1).permutation(1000)
     path = val.save_predictions(joints[perm], None, perm, str(tmp_path / 'out'))
-    assert np.allclose(metrics.load_pred_mat(path), lsp[:2, :, 1000:].transpose(2, 1, 0), atol=1e-4)
+    assert np.allclose(formats.load_pred_mat(path), lsp[:2, :, 1000:].transpose(2, 1, 0), atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -458,3 +472,5 @@ def test_dataset_defconf_matches_its_reader(name):
     cls = datasets.reader_class(o.dataset)
     assert o.dataset == name.upper() and o.nJoints == cls.joint_set.num_joints
     assert o.dataDir == f'data/{name}'
+    # the published input sizes: COCO 256x192 -> 64x48, the others 256x256 -> 64x64
+    assert (o.inputRes, o.outputRes) == (((256, 192), (64, 48)) if name == 'coco' else ((256, 256), (64, 64)))

@@ -40,9 +40,9 @@ def test_record_fields(reader):
         assert rec['center'].shape == (2,) and rec['center'].dtype == np.float32
         assert rec['scale'].shape == (2,) and rec['scale'].dtype == np.float32
         assert rec['scale'][0] == rec['scale'][1]
-        assert rec['joints'].shape == (16, 2) and rec['joints'].dtype == np.float32
-        assert rec['visible'].shape == (16,) and rec['visible'].dtype == np.float32
-        assert set(np.unique(rec['visible'])) <= {0.0, 1.0}
+        assert rec['keypoints'].shape == (1, 16, 2) and rec['keypoints'].dtype == np.float32   # one person
+        assert rec['visible'].shape == (1, 16) and rec['visible'].dtype == np.float32
+        assert set(np.unique(rec['visible'][0])) <= {0.0, 1.0}
         assert isinstance(rec['head_size'], float) and rec['head_size'] > 0
     img = reader.load_image(reader.records[0])
     assert img.shape == (RES, RES, 3) and img.dtype == np.uint8
@@ -62,12 +62,12 @@ def test_split_sizes_caps_and_resolution():
 def test_deterministic_per_seed_split_index():
     a, b = Synthetic(make_opts(), 'val'), Synthetic(make_opts(), 'val')
     for i in (0, 7):
-        np.testing.assert_array_equal(a.records[i]['joints'], b.records[i]['joints'])
+        np.testing.assert_array_equal(a.records[i]['keypoints'], b.records[i]['keypoints'])
         np.testing.assert_array_equal(a.load_image(a.records[i]), b.load_image(b.records[i]))
         # rendering twice gives the same pixels
         np.testing.assert_array_equal(a.load_image(a.records[i]), a.load_image(a.records[i]))
     c = Synthetic(make_opts('--seed', '1'), 'val')
-    assert not np.allclose(a.records[0]['joints'], c.records[0]['joints'])
+    assert not np.allclose(a.records[0]['keypoints'], c.records[0]['keypoints'])
     assert not np.array_equal(a.load_image(a.records[0]), c.load_image(c.records[0]))
 
 
@@ -75,8 +75,8 @@ def test_box_and_head_size(reader):
     for rec in reader.records:
         half = rec['scale'][0] * 200 / 2
         # every joint, labelled or not, lies inside the person box with the MPII margin
-        assert np.all(np.abs(rec['joints'] - rec['center']) <= half / 1.25 + 1e-3)
-        seg = np.linalg.norm(rec['joints'][J['head_top']] - rec['joints'][J['upper_neck']])
+        assert np.all(np.abs(rec['keypoints'][0] - rec['center']) <= half / 1.25 + 1e-3)
+        seg = np.linalg.norm(rec['keypoints'][0][J['head_top']] - rec['keypoints'][0][J['upper_neck']])
         assert rec['head_size'] == pytest.approx(HEAD_SIZE_RATIO * seg, rel=1e-5)
     # the box covers 60-90 % of the image side
     sides = np.array([r['scale'][0] * 200 for r in reader.records]) / RES
@@ -84,8 +84,8 @@ def test_box_and_head_size(reader):
 
 
 def test_visible_joints_inside_and_truncation_exists(reader):
-    vis = np.stack([r['visible'] for r in reader.records]) > 0
-    joints = np.stack([r['joints'] for r in reader.records])
+    vis = np.stack([r['visible'][0] for r in reader.records]) > 0
+    joints = np.stack([r['keypoints'][0] for r in reader.records])
     inside = np.all((joints >= 0) & (joints <= RES - 1), axis=2)
     np.testing.assert_array_equal(vis, inside)      # labelled <=> inside the image
     assert (~vis).any(axis=1).sum() >= 10            # some people are cut by the border
@@ -94,8 +94,8 @@ def test_visible_joints_inside_and_truncation_exists(reader):
 
 def _side_sign(rec, a, b):
     """> 0 when joint b lies on the image-right of joint a, seen along the spine (lean-proof)."""
-    spine = rec['joints'][J['thorax']] - rec['joints'][J['pelvis']]
-    d = rec['joints'][b] - rec['joints'][a]
+    spine = rec['keypoints'][0][J['thorax']] - rec['keypoints'][0][J['pelvis']]
+    d = rec['keypoints'][0][b] - rec['keypoints'][0][a]
     return spine[0] * d[1] - spine[1] * d[0]
 
 
@@ -113,7 +113,7 @@ def test_face_drawn_only_for_people_facing_the_camera(reader):
     # the face (eyes, hair only on top) is the left/right cue: compare the head region's colours
     # of one person rendered facing the camera and the same seeds' geometry turned away
     from datasets.synthetic import render, sample_person
-    rec = next(r for r in reader.records if r['facing'] and r['visible'].all())
+    rec = next(r for r in reader.records if r['facing'] and r['visible'][0].all())
     person = sample_person(rec['seed'], RES)
     front = render(rec['seed'], RES, person)
     back = render(rec['seed'], RES, dict(person, face=False, front=False))
@@ -122,13 +122,13 @@ def test_face_drawn_only_for_people_facing_the_camera(reader):
     ys, xs = np.nonzero(diff)
     assert len(ys) > 20
     # the difference is on the head and chest, between head top and pelvis
-    top, pelvis = rec['joints'][J['head_top']], rec['joints'][J['pelvis']]
+    top, pelvis = rec['keypoints'][0][J['head_top']], rec['keypoints'][0][J['pelvis']]
     size = rec['scale'][0] * 200
     assert np.all(np.hypot(xs - (top[0] + pelvis[0]) / 2, ys - (top[1] + pelvis[1]) / 2) < size / 2)
 
 
 def test_variety(reader):
-    joints = np.stack([r['joints'] for r in reader.records])
+    joints = np.stack([r['keypoints'][0] for r in reader.records])
     centred = joints - joints[:, J['pelvis']][:, None]
     scale = np.array([r['scale'][0] for r in reader.records])[:, None, None] * 200
     spread = (centred / scale).std(axis=0)           # pose variety, independent of size/position
@@ -158,8 +158,8 @@ def test_export_round_trip(tmp_path):
         joints = np.array(e['joints'], np.float64) - 1
         np.testing.assert_allclose(c, rec['center'], atol=1e-3)
         np.testing.assert_allclose(s, rec['scale'], atol=1e-3)
-        np.testing.assert_allclose(joints, rec['joints'], atol=1e-3)
-        assert e['joints_vis'] == [int(v) for v in rec['visible']]
+        np.testing.assert_allclose(joints, rec['keypoints'][0], atol=1e-3)
+        assert e['joints_vis'] == [int(v) for v in rec['visible'][0]]
 
 
 def test_export_command_line(tmp_path):
@@ -175,12 +175,13 @@ def test_pipeline_targets_peak_at_the_joints(split):
     codec = HeatmapCodec(128, 32, 1.0)
     ds = build_dataset(o, split, codec)
     for i in range(4):
-        image, target, weight, meta = ds[i]
-        assert tuple(image.shape) == (3, 128, 128)
+        sample = ds[i]
+        image, target, weight, joints = sample['image'], sample['heatmap'], sample['heatmap_weight'], sample['keypoints'][0]
+        assert tuple(image.shape) == (3, 128, 128) and sample['keypoints'].shape == (1, 16, 2)
         assert target.shape == (16, 32, 32) and weight.shape == (16,)
-        coords, _ = codec.decode(target[None])
-        inside = np.all((meta['joints'] >= 0) & (meta['joints'] <= 127), axis=1)
+        coords, _ = codec.decode_heatmaps(target[None])
+        inside = np.all((joints >= 0) & (joints <= 127), axis=1)
         ok = (weight > 0) & inside     # a joint off the crop has a clipped Gaussian
         assert ok.sum() >= 8
-        err = np.abs(coords[0][ok] - meta['joints'][ok])
+        err = np.abs(coords[0][ok] - joints[ok])
         assert err.max() <= 4.0   # within one heatmap pixel (the stride)

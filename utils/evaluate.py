@@ -10,8 +10,6 @@ Each prints the benchmark's standard table; ``--out FILE.json`` also writes {col
 is a one-line ``error: ...`` naming it, with exit status 1.
 """
 import argparse
-import json
-import math
 import os
 import sys
 
@@ -20,10 +18,12 @@ import numpy as np
 if __package__ in (None, ''):         # run as a script: make the project importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from datasets import formats  # noqa: E402
 from utils import metrics  # noqa: E402
+from utils.errors import DatasetError, PoseError  # noqa: E402
+from utils.io import write_json  # noqa: E402
 
-
-_fail = metrics._fail
+_fail = formats.fail
 
 
 # ---------------------------------------------------------------------------------------------
@@ -31,13 +31,13 @@ _fail = metrics._fail
 # ---------------------------------------------------------------------------------------------
 
 def eval_mpii(args):
-    preds = metrics.load_pred_mat(args.pred)
+    preds = formats.load_pred_mat(args.pred)
     table = metrics.mpii_official(preds, args.gt)
     return f'MPII PCKh@0.5 ({len(preds)} persons, {os.path.basename(args.gt)})', table
 
 
 def _load_coco_results(path):
-    results = metrics.load_json(path)
+    results = formats.load_json(path)
     if not isinstance(results, list):
         raise _fail(path, 'expected a json list of results')
     for n, r in enumerate(results):
@@ -58,23 +58,22 @@ def eval_coco(args):
     results = _load_coco_results(args.pred)
     try:
         table = metrics.coco_oks_ap(results, args.gt, verbose=args.verbose)
-    except SystemExit as exc:
-        msg = str(exc.code)
-        if msg.startswith('error: result'):          # name the results file
-            msg = msg.replace('error: ', f'error: {args.pred}: ', 1)
-        raise SystemExit(msg) from None
+    except DatasetError as exc:
+        if str(exc).startswith('result'):             # name the results file
+            raise DatasetError(f'{args.pred}: {exc}') from None
+        raise
     return f'COCO keypoint OKS AP ({len(results)} instances, {os.path.basename(args.gt)})', table
 
 
 def eval_lsp(args):
-    gt, visible = metrics.read_lsp_joints(args.gt)
+    gt, visible, _ = formats.read_lsp_joints(args.gt)
     n_all = len(gt)
     if args.split == 'test':
         if n_all != 2000:
             raise _fail(args.gt, f'{n_all} images; the LSP test split (images 1001-2000) needs '
                                  'the 2000-image LSP joints.mat (use --split all for others)')
         gt, visible = gt[1000:], visible[1000:]
-    preds = metrics.load_pred_mat(args.pred)
+    preds = formats.load_pred_mat(args.pred)
     if preds.shape[1] != 14:
         raise _fail(args.pred, f"'preds' has {preds.shape[1]} joints, expected 14 (LSP)")
     if args.split == 'test' and len(preds) == n_all:
@@ -88,8 +87,8 @@ def eval_lsp(args):
 
 
 def eval_lip(args):
-    gt_names, gt, gt_vis = metrics.read_lip_csv(args.gt)
-    names, preds, _ = metrics.read_lip_csv(args.pred)
+    gt_names, gt, gt_vis, _ = formats.read_lip_csv(args.gt)
+    names, preds, _, _ = formats.read_lip_csv(args.pred)
     index = {}
     for i, n in enumerate(names):
         if n in index:
@@ -105,13 +104,6 @@ def eval_lip(args):
 
 
 # ---------------------------------------------------------------------------------------------
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    v = float(v)
-    return None if math.isnan(v) else v
-
 
 def build_parser():
     p = argparse.ArgumentParser(
@@ -178,15 +170,14 @@ def main(argv=None):
         print(metrics.format_per_joint(table))
     if args.out:
         try:
-            folder = os.path.dirname(args.out)
-            if folder:
-                os.makedirs(folder, exist_ok=True)
-            with open(args.out, 'w') as f:
-                json.dump(_jsonable(table), f, indent=2)
+            write_json(args.out, table, indent=2)
         except OSError as exc:
             raise _fail(args.out, f'cannot write ({exc.strerror})') from None
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except PoseError as exc:
+        sys.exit(f'error: {exc}')

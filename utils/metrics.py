@@ -12,30 +12,24 @@ Official protocols reproduced here:
   LIP   PCKh@0.5 with the head segment ||head top - upper neck|| (no 0.6 factor),
   COCO  OKS AP through pycocotools, after the HRNet rescoring and OKS-NMS.
 
-User-facing failures about files are raised as ``SystemExit('error: <path>: <what>')`` so a
-command line prints one line and no traceback.
+The official files are read by ``datasets.formats``; a bad file or input is a ``DatasetError``
+naming it, in one line.
 """
 import contextlib
-import csv
 import io
-import json
 import math
-import os
 
 import numpy as np
 
+from datasets.formats import fail as _fail, load_json, read_gt_valid
 from datasets.joints import COCO, LSP, MPII
+from utils.errors import DatasetError
 
 __all__ = [
     'heatmap_accuracy', 'pck', 'pckh_table', 'mpii_official', 'lsp_pck_table', 'lip_pckh_table',
-    'lip_head_size', 'lsp_torso_size', 'oks_nms', 'coco_oks_ap', 'COCO_STATS', 'save_pred_mat',
-    'load_pred_mat', 'read_lsp_joints', 'read_lip_csv', 'write_lip_csv', 'format_table',
+    'lip_head_size', 'lsp_torso_size', 'oks_nms', 'coco_oks_ap', 'COCO_STATS', 'format_table',
     'format_per_joint',
 ]
-
-
-def _fail(path, what):
-    return SystemExit(f'error: {path}: {what}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,55 +220,8 @@ def lip_pckh_table(pred, gt, visible, alpha=0.5):
 
 
 # ---------------------------------------------------------------------------------------------
-# MATLAB files
+# MPII's official ground truth
 # ---------------------------------------------------------------------------------------------
-
-def _loadmat(path, keys):
-    """Load the named arrays of a .mat file (MATLAB v5 through scipy, v7.3 through h5py).
-
-    Returns {key: ndarray} for the keys present; raises SystemExit naming the file if the file
-    is missing or unreadable.
-    """
-    if not os.path.isfile(path):
-        raise _fail(path, 'file not found')
-    import scipy.io
-    try:
-        mat = scipy.io.loadmat(path)
-        return {k: mat[k] for k in keys if k in mat}
-    except NotImplementedError:          # MATLAB v7.3 = HDF5; h5py gives MATLAB's axes reversed
-        pass
-    except Exception as exc:             # noqa: BLE001 -- any parse failure is a bad file
-        raise _fail(path, f'not a readable .mat file ({type(exc).__name__}: {exc})')
-    try:
-        import h5py
-        with h5py.File(path, 'r') as f:
-            return {k: np.asarray(f[k]).T for k in keys if k in f}
-    except Exception as exc:             # noqa: BLE001
-        raise _fail(path, f'not a readable .mat file ({type(exc).__name__}: {exc})')
-
-
-def save_pred_mat(path, preds):
-    """Write preds (N, K, 2) as a MATLAB .mat file with key 'preds' (HRNet's pred.mat)."""
-    import scipy.io
-    preds = np.asarray(preds, np.float64)
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    scipy.io.savemat(path, {'preds': preds})
-
-
-def load_pred_mat(path):
-    """Read a pred.mat (key 'preds') -> (N, K, 2) float64. One-line SystemExit on a bad file."""
-    mat = _loadmat(path, ['preds'])
-    if 'preds' not in mat:
-        raise _fail(path, "no 'preds' array in the file")
-    preds = np.asarray(mat['preds'])
-    if preds.ndim != 3 or preds.shape[2] < 2:
-        raise _fail(path, f"'preds' has shape {preds.shape}, expected (N, K, 2)")
-    if not np.issubdtype(preds.dtype, np.number):
-        raise _fail(path, f"'preds' is not numeric ({preds.dtype})")
-    return preds[:, :, :2].astype(np.float64)
-
 
 def mpii_official(pred, gt_valid_path):
     """MPII validation PCKh from the official ``gt_valid.mat``.
@@ -285,117 +232,13 @@ def mpii_official(pred, gt_valid_path):
     (2, 2, N). Head size = 0.6 * ||headbox corner 2 - corner 1||; visible = 1 - jnt_missing.
     Returns the ``pckh_table`` columns.
     """
-    path = gt_valid_path
-    mat = _loadmat(path, ['pos_gt_src', 'jnt_missing', 'headboxes_src'])
-    for key in ('pos_gt_src', 'jnt_missing', 'headboxes_src'):
-        if key not in mat:
-            raise _fail(path, f"no '{key}' array (not an MPII gt_valid.mat?)")
-    pos, missing, boxes = (np.asarray(mat[k], np.float64)
-                           for k in ('pos_gt_src', 'jnt_missing', 'headboxes_src'))
-    if pos.ndim != 3 or pos.shape[:2] != (16, 2):
-        raise _fail(path, f"'pos_gt_src' has shape {pos.shape}, expected (16, 2, N)")
-    n = pos.shape[2]
-    if missing.shape != (16, n):
-        raise _fail(path, f"'jnt_missing' has shape {missing.shape}, expected (16, {n})")
-    if boxes.shape != (2, 2, n):
-        raise _fail(path, f"'headboxes_src' has shape {boxes.shape}, expected (2, 2, {n})")
+    gt, visible, head = read_gt_valid(gt_valid_path)
+    n = len(gt)
     pred = np.asarray(pred, np.float64)
     if pred.shape != (n, 16, 2):
-        raise SystemExit(f'error: predictions have shape {pred.shape}, expected ({n}, 16, 2) '
-                         f'for the {n} persons of {path}')
-    gt = pos.transpose(2, 0, 1)                                  # (N, 16, 2)
-    visible = 1 - missing.T                                      # (N, 16)
-    head = 0.6 * np.linalg.norm(boxes[1] - boxes[0], axis=0)     # (N,)
+        raise DatasetError(f'predictions have shape {pred.shape}, expected ({n}, 16, 2) '
+                           f'for the {n} persons of {gt_valid_path}')
     return pckh_table(pred, gt, visible, head, MPII)
-
-
-def read_lsp_joints(path):
-    """Read an LSP or LSP-extended ``joints.mat``.
-
-    LSP:          key 'joints', (3, 14, 2000), rows x, y, flag with 0 = visible;
-    LSP-extended: key 'joints', (14, 3, 10000), columns x, y, flag with 1 = visible.
-    Coordinates are returned as stored (MATLAB pixels, 1-based); subtract 1 for the project's
-    0-based frame.
-
-    Returns joints (N, 14, 2) float64 and visible (N, 14) float64 (1 = visible by the flag).
-    """
-    mat = _loadmat(path, ['joints'])
-    if 'joints' not in mat:
-        raise _fail(path, "no 'joints' array (not an LSP joints.mat?)")
-    j = np.asarray(mat['joints'])
-    if not np.issubdtype(j.dtype, np.number) or j.ndim != 3:
-        raise _fail(path, f"'joints' has shape {j.shape}, expected (3, 14, N) or (14, 3, N)")
-    j = j.astype(np.float64)
-    if j.shape[:2] == (3, 14):                   # LSP: flag 0 = visible
-        joints = j[:2].transpose(2, 1, 0)
-        visible = (j[2].T == 0).astype(np.float64)
-    elif j.shape[:2] == (14, 3):                 # LSP-extended: flag 1 = visible
-        joints = j[:, :2].transpose(2, 0, 1)
-        visible = (j[:, 2].T == 1).astype(np.float64)
-    else:
-        raise _fail(path, f"'joints' has shape {j.shape}, expected (3, 14, N) or (14, 3, N)")
-    return joints, visible
-
-
-# ---------------------------------------------------------------------------------------------
-# LIP csv
-# ---------------------------------------------------------------------------------------------
-
-def read_lip_csv(path, return_occluded=False):
-    """Read a LIP pose csv (no header): ``ImageID_PersonID.jpg`` then 16 x (x, y, occluded),
-    or 16 x (x, y) for a prediction file; ``nan`` marks an unlabelled joint.
-
-    Returns names (list of N str), joints (N, 16, 2) float64 with NaN where unlabelled, and
-    visible (N, 16) float64, 1 where the joint is labelled (occluded or not). With
-    return_occluded=True a fourth array (N, 16) holds the occluded flag (0 where unlabelled or
-    where the file has no flags).
-    """
-    if not os.path.isfile(path):
-        raise _fail(path, 'file not found')
-    names, rows, flags = [], [], []
-    try:
-        with open(path, newline='') as f:
-            for line_no, row in enumerate(csv.reader(f), 1):
-                if not row or all(not c.strip() for c in row):
-                    continue
-                if len(row) not in (1 + 16 * 3, 1 + 16 * 2):
-                    raise _fail(path, f'line {line_no}: {len(row)} fields, expected 49 '
-                                      '(name + 16 x (x, y, occluded)) or 33 (name + 16 x (x, y))')
-                try:
-                    values = np.array([float(c) for c in row[1:]], np.float64)
-                except ValueError as exc:
-                    raise _fail(path, f'line {line_no}: not a number ({exc})') from None
-                per = (len(row) - 1) // 16
-                values = values.reshape(16, per)
-                names.append(row[0].strip())
-                rows.append(values[:, :2])
-                flags.append(values[:, 2] if per == 3 else np.zeros(16))
-    except UnicodeDecodeError:
-        raise _fail(path, 'not a text csv file') from None
-    if not rows:
-        raise _fail(path, 'no rows')
-    joints = np.stack(rows)
-    visible = np.all(np.isfinite(joints), axis=-1).astype(np.float64)
-    if return_occluded:
-        occluded = np.nan_to_num(np.stack(flags)) * visible
-        return names, joints, visible, occluded
-    return names, joints, visible
-
-
-def write_lip_csv(path, names, preds):
-    """Write predictions in the LIP layout: name, then 16 x (x, y); NaN written as ``nan``.
-
-    names: N image names (``ImageID_PersonID.jpg``); preds: (N, 16, 2).
-    """
-    preds = np.asarray(preds, np.float64)
-    if preds.shape != (len(names), 16, 2):
-        raise ValueError(f'write_lip_csv: preds {preds.shape} must be ({len(names)}, 16, 2)')
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(path, 'w', newline='') as f:
-        for name, p in zip(names, preds):
-            f.write(name + ',' + ','.join('%.3f' % v for v in p.reshape(-1)) + '\n')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,17 +297,6 @@ def oks_nms(instances, sigmas=COCO.sigmas, thr=0.9):
     return keep
 
 
-def load_json(path):
-    """Parsed json of ``path``; a missing or unparsable file is a one-line error naming it."""
-    if not os.path.isfile(path):
-        raise _fail(path, 'file not found')
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _fail(path, f'not valid json ({exc})') from None
-
-
 def _load_coco_gt(gt_json_path):
     data = load_json(gt_json_path)
     if not isinstance(data, dict) or not all(k in data for k in ('images', 'annotations',
@@ -503,7 +335,7 @@ def coco_oks_ap(results, gt_json_path, joint_set=COCO, in_vis_thre=0.2, oks_thre
             box_score = float(r.get('box_score', r.get('score', 1.0)))
             image_id = r['image_id']
         except (KeyError, ValueError, TypeError) as exc:
-            raise SystemExit(f'error: result {n}: malformed ({type(exc).__name__}: {exc})')
+            raise DatasetError(f'result {n}: malformed ({type(exc).__name__}: {exc})')
         good = kpts[:, 2] > in_vis_thre
         score = box_score * float(kpts[good, 2].mean()) if good.any() else box_score
         if 'area' in r:
@@ -521,10 +353,10 @@ def coco_oks_ap(results, gt_json_path, joint_set=COCO, in_vis_thre=0.2, oks_thre
                              keypoints=[float(v) for v in d['keypoints'].reshape(-1)],
                              score=float(d['score'])))
     if not dets:
-        raise SystemExit('error: no keypoint results to evaluate')
+        raise DatasetError('no keypoint results to evaluate')
     unknown = set(per_image) - set(gt.getImgIds())
     if unknown:
-        raise SystemExit(f'error: {gt_json_path}: results name image ids not in the annotations, '
+        raise DatasetError(f'{gt_json_path}: results name image ids not in the annotations, '
                          f'e.g. {sorted(unknown, key=str)[0]!r}')
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:

@@ -1,39 +1,26 @@
 """The one trainer: device, optimiser and schedule, mixed precision, distributed data parallel,
-checkpoints, resume, evaluation and logging. It knows models only through the registry contract
-(a list of outputs, ``target``) and datasets only through their reader."""
-import json
+checkpoints, resume, evaluation and logging.
+
+It knows a model only through the registry contract (a list of outputs), a codec only through the
+codec contract (named targets, a dict of loss terms, its accuracy, its decoding) and a dataset
+only through its reader's evaluation; it never indexes a batch by position and never asks what
+kind of target a codec makes. Prediction itself lives in ``utils.predictor``.
+"""
 import math
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from datasets.pipeline import to_original
-from utils import metrics
-
-CHECKPOINT_FORMAT = 1
-# Options that change a model's layout: a checkpoint records them so that loading it into a
-# different model gives one line naming what differs.
-ARCH_KEYS = ('model', 'nJoints', 'nStack', 'nModules', 'nChannels', 'nReductions', 'baseName',
-             'nStages', 'modelName', 'ohKernel', 'hhKernel', 'baseWidth', 'cardinality',
-             'LRNSize', 'IterSize', 'TargetType', 'stemChannels')
-
-
-class TrainingError(SystemExit):
-    def __init__(self, message):
-        super().__init__(f'error: {message}')
-
-
-def pick_device(gpuid):
-    """CUDA device ``gpuid`` when CUDA is present and gpuid >= 0, else the CPU."""
-    if gpuid >= 0 and torch.cuda.is_available():
-        local = int(os.environ.get('LOCAL_RANK', gpuid))
-        return torch.device('cuda', local)
-    return torch.device('cpu')
+import opts as options
+from datasets.pipeline import transform_points
+from utils import checkpoint
+from utils.errors import CheckpointError, DatasetError, TrainingError
+from utils.io import write_json
+from utils.predictor import Predictor, pick_device, to_device
 
 
 def lr_at(opts, epoch, progress=0.0):
@@ -66,57 +53,38 @@ def build_optimizer(opts, params):
     return torch.optim.SGD(params, lr=opts.LR, momentum=opts.momentum, weight_decay=opts.weightDecay, fused=True)
 
 
-def arch_of(opts):
-    return {k: getattr(opts, k) for k in ARCH_KEYS}
+def make_loader(opts, dataset, device, train=False, distributed=False):
+    """The DataLoader of a split: shuffled per epoch (seed, epoch) for training, in order for
+    evaluation; batches collated by field name (``PoseDataset.collate``)."""
+    sampler, shuffle, gen = None, False, None
+    if train and distributed:
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=opts.shuffle, seed=opts.seed)
+        sampler.set_epoch(dataset.epoch)
+    elif train and opts.shuffle:
+        shuffle = True
+        gen = torch.Generator().manual_seed(opts.seed * 100003 + dataset.epoch)
+    return DataLoader(dataset, batch_size=opts.data_loader_size, shuffle=shuffle, sampler=sampler,
+                      generator=gen, num_workers=opts.nThreads, drop_last=False, collate_fn=dataset.collate,
+                      pin_memory=device.type == 'cuda' and not opts.dont_pin_memory,
+                      persistent_workers=False, worker_init_fn=_worker_init if opts.nThreads else None)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write keeps the previous file."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def evaluate(predictor, dataset, opts, keep=0, progress=None):
+    """Predict the split and score it with its reader's official protocol.
+
+    Returns dict(table, headline, acc, predictions, kept) (see ``Predictor.run``)."""
+    loader = make_loader(opts, dataset, predictor.device)
+    out = predictor.run(loader, keep=keep, progress=progress)
+    table, headline = dataset.reader.evaluate_predictions(out['predictions'])
+    return dict(table=table, headline=float(headline), **out)
 
 
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise TrainingError(f'--loadModel {path}: no such file')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or a pickle with code in it
-        raise TrainingError(f'--loadModel {path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})')
-    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
-        raise TrainingError(f'--loadModel {path}: not a checkpoint of this framework (no state_dict)')
-    return ckpt
-
-
-def check_compatible(ckpt, opts, path):
-    """One line naming what differs between the checkpoint's model and the configured one."""
-    saved = ckpt.get('arch', {})
-    want = arch_of(opts)
-    relevant = ['model', 'nJoints'] + [k for k in ARCH_KEYS if k not in ('model', 'nJoints')]
-    diffs = [f'{k} {saved[k]!r} vs {want[k]!r}' for k in relevant
-             if k in saved and saved[k] != want[k] and (k in ('model', 'nJoints') or saved.get('model') == want['model'])]
-    if diffs:
-        raise TrainingError(f'--loadModel {path}: checkpoint does not fit this model: ' + ', '.join(diffs[:4])
-                            + ' (checkpoint vs configured)')
-
-
-def load_weights(model, state, path):
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            k = shapes[0]
-            parts.append(f'{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})')
-        if missing:
-            parts.append(f'{len(missing)} missing tensors (e.g. {missing[0]})')
-        if unexpected:
-            parts.append(f'{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})')
-        raise TrainingError(f'--loadModel {path}: weights do not fit this model: ' + '; '.join(parts))
-    model.load_state_dict(state)
+def total_loss(terms):
+    """The sum of a codec's named loss terms (what the backward pass gets)."""
+    total = None
+    for term in terms.values():
+        total = term if total is None else total + term
+    return total
 
 
 class Logger:
@@ -141,6 +109,7 @@ class Trainer:
         self.train_set = train_set
         self.val_set = val_set
         self.exp_dir = exp_dir
+        self.joint_set = val_set.reader.joint_set
         self.distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1
         self.device = pick_device(opts.gpuid)
         if self.distributed and not dist.is_initialized():
@@ -149,8 +118,12 @@ class Trainer:
         self.main = self.rank == 0
         if self.device.type == 'cuda':
             torch.cuda.set_device(self.device)
-        # channels-last runs the convolutions 1.3-1.5x faster on the CPU (oneDNN) and on tensor cores
-        self.model = model.to(self.device, memory_format=torch.channels_last)
+        # channels-last runs the convolutions 1.3-1.5x faster on the CPU (oneDNN) and on tensor cores;
+        # the predictor holds the bare model: evaluation runs on rank 0 alone, and a DDP forward
+        # would wait for the other ranks to broadcast buffers
+        self.predictor = Predictor(model, codec, device=self.device, amp=opts.amp, flip_test=opts.flipTest,
+                                   joint_set=self.joint_set)
+        self.model = self.predictor.model
         self.net = self.model
         if self.distributed:
             ids = [self.device.index] if self.device.type == 'cuda' else None
@@ -158,21 +131,22 @@ class Trainer:
         self.optimizer = build_optimizer(opts, self.model.parameters())
         # --amp: float16 with loss scaling on CUDA; bfloat16 (no scaling needed) on the CPU
         self.amp = bool(opts.amp)
-        self.amp_dtype = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
+        self.amp_dtype = self.predictor.amp_dtype
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp and self.device.type == 'cuda')
         self.epoch = 0          # epochs completed
         self.best = -math.inf
         self.best_epoch = -1
         self.history = []
         self.log = Logger(os.path.join(exp_dir, 'log.txt'), enabled=self.main)
-        self.flip_perm = torch.as_tensor(val_set.reader.joint_set.flip_permutation() if val_set else
-                                         np.arange(opts.nJoints))
 
     # ----------------------------------------------------------------- checkpoints
     def state(self, headline=None):
         return {
-            'format': CHECKPOINT_FORMAT,
-            'arch': arch_of(self.opts),
+            'format': checkpoint.FORMAT,
+            'arch': dict(self.model.arch),
+            'config': options.as_text(self.opts),
+            'meta': checkpoint.make_meta(self.joint_set, self.codec, self.opts),
+            'optimizer_type': self.opts.optimizer_type,
             'state_dict': {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             'optimizer': self.optimizer.state_dict(),
             'scaler': self.scaler.state_dict(),
@@ -188,21 +162,27 @@ class Trainer:
     def save(self, name, headline=None):
         if self.main:
             path = os.path.join(self.exp_dir, name)
-            save_atomic(self.state(headline), path)
+            checkpoint.save(self.state(headline), path)
             return path
 
-    def resume(self, path, finetune=False):
-        """Restore a run from ``path``: everything, or with ``finetune`` the weights alone."""
-        ckpt = load_checkpoint(path)
-        check_compatible(ckpt, self.opts, path)
-        load_weights(self.model, ckpt['state_dict'], path)
+    def resume(self, ckpt, path, finetune=False):
+        """Restore a run from the checkpoint ``ckpt`` (read from ``path``): everything, or with
+        ``finetune`` the weights alone."""
+        checkpoint.check_compatible(ckpt, self.model, path)
+        checkpoint.load_weights(self.model, ckpt['state_dict'], path)
         if finetune:
             self.log(f'loaded weights from {path} (fine-tuning: new optimiser and schedule)')
             return ckpt
+        saved = checkpoint.optimizer_type_of(ckpt)
+        if saved is not None and saved != self.opts.optimizer_type:
+            raise CheckpointError(f'--loadModel {path}: its optimiser state is {saved}\'s, not '
+                                  f'--optimizer_type {self.opts.optimizer_type}\'s; resume with --optimizer_type '
+                                  f'{saved}, or use --finetune to load the weights alone')
         try:
             self.optimizer.load_state_dict(ckpt['optimizer'])
         except (ValueError, KeyError) as e:
-            raise TrainingError(f'--loadModel {path}: optimiser state does not fit --optimizer_type {self.opts.optimizer_type} ({e}); use --finetune to load the weights alone')
+            raise CheckpointError(f'--loadModel {path}: optimiser state does not fit --optimizer_type '
+                                  f'{self.opts.optimizer_type} ({e}); use --finetune to load the weights alone') from None
         if ckpt.get('scaler'):
             self.scaler.load_state_dict(ckpt['scaler'])
         self.epoch = int(ckpt['epoch'])
@@ -216,23 +196,9 @@ class Trainer:
         return ckpt
 
     # ----------------------------------------------------------------- loops
-    def loader(self, dataset, train):
-        opts = self.opts
-        sampler, shuffle, gen = None, False, None
-        if train and self.distributed:
-            sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=opts.shuffle, seed=opts.seed)
-            sampler.set_epoch(dataset.epoch)
-        elif train and opts.shuffle:
-            shuffle = True
-            gen = torch.Generator().manual_seed(opts.seed * 100003 + dataset.epoch)
-        return DataLoader(dataset, batch_size=opts.data_loader_size, shuffle=shuffle, sampler=sampler,
-                          generator=gen, num_workers=opts.nThreads, drop_last=False,
-                          pin_memory=self.device.type == 'cuda' and not opts.dont_pin_memory,
-                          persistent_workers=False, worker_init_fn=_worker_init if opts.nThreads else None)
-
-    def forward(self, images, net=None):
+    def forward(self, images):
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            out = (net or self.net)(images)
+            out = self.net(images)
         return [o.float() for o in out]
 
     def train_epoch(self):
@@ -240,80 +206,57 @@ class Trainer:
         self.net.train()
         lr = epoch_lr = lr_at(opts, self.epoch)
         self.train_set.epoch = self.epoch
-        loader = self.loader(self.train_set, train=True)
+        loader = make_loader(opts, self.train_set, self.device, train=True, distributed=self.distributed)
         bar = self._bar(loader, f'epoch {self.epoch + 1}/{opts.nEpochs} train')
-        total_loss, total_acc, n_seen, n_acc = 0.0, 0.0, 0, 0
+        total, terms_total, total_acc, n_seen, n_acc = 0.0, {}, 0.0, 0, 0
         start = time.time()
         self.optimizer.zero_grad(set_to_none=True)
         steps = len(loader)
-        for it, (images, target, weight, _) in enumerate(bar):
+        group = opts.mini_batch_count
+        for it, batch in enumerate(bar):
+            if batch.get('errors'):
+                raise DatasetError(batch['errors'][0])
             lr = lr_at(opts, self.epoch, it / steps)
-            for group in self.optimizer.param_groups:
-                group['lr'] = lr
-            images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
-            target = target.to(self.device, non_blocking=True)
-            weight = weight.to(self.device, non_blocking=True)
-            outputs = self.forward(images)
-            loss = self.codec.loss(outputs, target, weight)
+            for g in self.optimizer.param_groups:
+                g['lr'] = lr
+            batch = to_device(batch, self.device)
+            outputs = self.forward(batch['image'])
+            terms = self.codec.loss(outputs, batch)
+            loss = total_loss(terms)
             if not torch.isfinite(loss):
                 last = os.path.join(self.exp_dir, 'model_last.pth')
                 kept = f'; the last good checkpoint is {last}' if os.path.exists(last) else '; no checkpoint was written yet'
                 raise TrainingError(f'loss is {loss.item()} at epoch {self.epoch + 1}, iteration {it + 1}: stopping '
                                     f'(try a lower --LR){kept}')
-            self.scaler.scale(loss / opts.mini_batch_count).backward()
-            if (it + 1) % opts.mini_batch_count == 0 or it + 1 == steps:
+            # gradient accumulation: each optimiser step averages its group of batches; the last
+            # group of an epoch may hold fewer than mini_batch_count
+            first = it - it % group
+            self.scaler.scale(loss / min(group, steps - first)).backward()
+            if (it + 1) % group == 0 or it + 1 == steps:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
-            n = images.shape[0]
-            total_loss += loss.item() * n
+            n = batch['image'].shape[0]
+            total += loss.item() * n
+            for name, term in terms.items():
+                terms_total[name] = terms_total.get(name, 0.0) + (term.item() if len(terms) > 1 else loss.item()) * n
             n_seen += n
-            if self.codec.target == 'heatmap':
-                _, acc, cnt = metrics.heatmap_accuracy(outputs[-1].detach().cpu().numpy(), target.cpu().numpy())
-                if cnt > 0:
-                    total_acc += acc * n
-                    n_acc += n
+            acc = self.codec.accuracy(outputs, batch)
+            if acc is not None:
+                total_acc += acc * n
+                n_acc += n
             if bar is not loader:
-                bar.set_postfix(loss=f'{total_loss / n_seen:.3g}', acc=f'{total_acc / max(n_acc, 1):.3f}',
+                bar.set_postfix(loss=f'{total / n_seen:.3g}', acc=f'{total_acc / max(n_acc, 1):.3f}',
                                 ips=f'{n_seen / (time.time() - start):.1f}', lr=f'{lr:.2g}', refresh=False)
-        return dict(loss=total_loss / max(n_seen, 1), acc=total_acc / max(n_acc, 1) if n_acc else None,
-                    lr=epoch_lr, seconds=time.time() - start, images_per_s=n_seen / max(time.time() - start, 1e-9))
+        seen = max(n_seen, 1)
+        return dict(loss=total / seen, terms={k: v / seen for k, v in terms_total.items()},
+                    acc=total_acc / max(n_acc, 1) if n_acc else None, lr=epoch_lr,
+                    seconds=time.time() - start, images_per_s=n_seen / max(time.time() - start, 1e-9))
 
-    @torch.no_grad()
-    def predict(self, dataset, flip_test=False):
-        """Run the model over ``dataset`` (no augmentation). Returns preds (N, K, 2) in original
-        image pixels, scores (N, K), indices (N,), crop-frame preds (N, K, 2), accuracy."""
-        # the bare model, not the DDP wrapper: evaluation runs on rank 0 alone, and a DDP
-        # forward would wait for the other ranks to broadcast buffers
-        self.model.eval()
-        loader = self.loader(dataset, train=False)
-        bar = self._bar(loader, 'evaluate')
-        preds, scores, crops, indices, accs = [], [], [], [], []
-        for images, target, weight, meta in bar:
-            images = images.to(self.device, memory_format=torch.channels_last)
-            out = self.forward(images, self.model)[-1]
-            if flip_test:
-                flipped = self.forward(images.flip(-1), self.model)[-1]
-                out = (out + self.codec.flip_back(flipped, self.flip_perm.to(out.device))) / 2
-            if self.codec.target == 'heatmap':
-                _, acc, cnt = metrics.heatmap_accuracy(out.cpu().numpy(), target.numpy())
-                if cnt:
-                    accs.append((acc, images.shape[0]))
-            coords, sc = self.codec.decode(out)
-            crops.append(coords)
-            preds.append(to_original(coords, meta['affine'].numpy()))
-            scores.append(sc)
-            indices.append(meta['index'].numpy())
-        acc = sum(a * n for a, n in accs) / sum(n for _, n in accs) if accs else None
-        return (np.concatenate(preds), np.concatenate(scores), np.concatenate(indices),
-                np.concatenate(crops), acc)
-
-    def evaluate(self, flip_test=None):
-        flip_test = self.opts.flipTest if flip_test is None else flip_test
-        preds, scores, indices, crops, acc = self.predict(self.val_set, flip_test)
-        table, headline = self.val_set.reader.evaluate(preds, scores, indices)
-        return dict(table=table, headline=float(headline), acc=acc, preds=preds, scores=scores,
-                    indices=indices, crops=crops)
+    def evaluate(self, keep=None):
+        keep = self.opts.visCount if keep is None else keep
+        return evaluate(self.predictor, self.val_set, self.opts, keep=keep,
+                        progress=lambda loader: self._bar(loader, 'evaluate'))
 
     def fit(self):
         opts = self.opts
@@ -325,42 +268,40 @@ class Trainer:
             self.epoch += 1
             record = dict(epoch=self.epoch, train_loss=train['loss'], train_acc=train['acc'], lr=train['lr'],
                           train_seconds=round(train['seconds'], 2), train_images_per_s=round(train['images_per_s'], 2))
+            if len(train['terms']) > 1:
+                record['train_loss_terms'] = train['terms']
             msg = f'epoch {self.epoch}: loss {train["loss"]:.4g}'
+            if len(train['terms']) > 1:
+                msg += ' (' + ', '.join(f'{k} {v:.4g}' for k, v in train['terms'].items()) + ')'
             if train['acc'] is not None:
                 msg += f', acc {train["acc"]:.3f}'
             msg += f', {train["images_per_s"]:.1f} img/s, lr {train["lr"]:.3g}'
-            headline = None
-            if self.main and (self.epoch % opts.valInterval == 0 or self.epoch == opts.nEpochs):
+            self.history.append(record)
+            last_due = self.epoch % opts.saveInterval == 0 or self.epoch == opts.nEpochs
+            val_due = self.epoch % opts.valInterval == 0 or self.epoch == opts.nEpochs
+            if self.main and last_due:
+                self.save('model_last.pth')       # before evaluating: an evaluation that fails loses nothing
+            if self.main and val_due:
                 result = self.evaluate()
                 headline = result['headline']
                 record.update(val=result['table'], val_headline=headline, val_acc=result['acc'])
                 msg += f' | val {headline:.2f}'
-            self.history.append(record)
-            if headline is not None:
                 if headline > self.best:
                     self.best, self.best_epoch = headline, self.epoch
                     self.save('model_best.pth', headline)
                 self.write_vis(result)
+                if last_due:
+                    self.save('model_last.pth', headline)     # now with the score and the best
             if self.main:
                 self.log(msg)
-                with open(os.path.join(self.exp_dir, 'metrics.json'), 'w') as f:
-                    json.dump(self.history, f, indent=1, default=_jsonable)
-                if self.epoch % opts.saveInterval == 0 or self.epoch == opts.nEpochs:
-                    self.save('model_last.pth', headline)
+                write_json(os.path.join(self.exp_dir, 'metrics.json'), self.history)
             if self.distributed:
                 dist.barrier()
         return result
 
     # ----------------------------------------------------------------- helpers
-    def write_vis(self, result):
-        if self.opts.visCount <= 0:
-            return
-        from vis.draw import save_prediction_grid
-        n = min(self.opts.visCount, len(result['indices']))
-        items = [self.val_set[int(i)] for i in result['indices'][:n]]
-        save_prediction_grid(os.path.join(self.exp_dir, 'vis.png'), [it[0] for it in items],
-                             result['crops'][:n], [it[3]['joints'] for it in items],
-                             [it[3]['visible'] for it in items], self.val_set.reader.joint_set)
+    def write_vis(self, result, name='vis.png'):
+        return write_vis(os.path.join(self.exp_dir, name), result, self.joint_set)
 
     def _bar(self, loader, desc):
         if not (self.opts.progress and self.main):
@@ -370,16 +311,20 @@ class Trainer:
                     mininterval=0.5 if sys.stdout.isatty() else 10.0)
 
 
+def write_vis(path, result, joint_set):
+    """The evaluated crops kept by the predictor, each with its predicted people (mapped back into
+    the crop) over the ground truth; None when nothing was kept."""
+    if not result.get('kept'):
+        return None
+    from vis.draw import save_prediction_grid
+    kept = result['kept']
+    preds = [transform_points(k['prediction']['keypoints'], k['affine']) for k in kept]
+    return save_prediction_grid(path, [k['image'] for k in kept], preds, [k['keypoints'] for k in kept],
+                                [k['visible'] for k in kept], joint_set)
+
+
 def _worker_init(_):
     # one thread per loader worker: the workers already run in parallel with each other
     import cv2
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-
-
-def _jsonable(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)

@@ -4,6 +4,7 @@ import cv2
 import numpy as np
 
 from datasets.pipeline import denormalize
+from utils.io import atomic_write
 
 SIDE_COLOURS = {'L': (40, 120, 255), 'R': (255, 140, 0), 'C': (40, 200, 80)}  # RGB
 
@@ -42,26 +43,37 @@ def draw_skeleton(image, joints, visible, joint_set, thickness=2, radius=3, name
 
 
 def save_prediction_grid(path, images, preds, gts, visibles, joint_set, size=256, cols=4):
-    """Write a PNG grid: each normalised crop tensor with its predicted skeleton (thick) over the
-    ground truth (thin, white). preds/gts in crop pixels (K, 2)."""
+    """Write a PNG grid: each normalised crop tensor with its predicted people (thick) over the
+    ground truth (thin, white). Per tile: preds (N, K, 2) and gts (M, K, 2) in crop pixels (one
+    person may be given as (K, 2)), visibles (M, K) of the ground truth."""
     tiles = []
+    white = {k: (255, 255, 255) for k in SIDE_COLOURS}
     for img, pred, gt, vis in zip(images, preds, gts, visibles):
         rgb = denormalize(img)
         f = size / rgb.shape[1]
         rgb = cv2.resize(rgb, (size, int(round(rgb.shape[0] * f))), interpolation=cv2.INTER_LINEAR)
         # crop pixel centre x maps to (x + 0.5) * f - 0.5 in the resized image
-        to_tile = lambda p: (np.asarray(p) + 0.5) * f - 0.5
-        white = {k: (255, 255, 255) for k in SIDE_COLOURS}
-        rgb = draw_skeleton(rgb, to_tile(gt), vis, joint_set, thickness=1, radius=2, colours=white)
-        rgb = draw_skeleton(rgb, to_tile(pred), np.ones(len(pred)), joint_set, thickness=2, radius=3)
+        k = joint_set.num_joints
+        for person, v in zip(np.reshape(gt, (-1, k, 2)), np.reshape(vis, (-1, k))):
+            rgb = draw_skeleton(rgb, (person + 0.5) * f - 0.5, v, joint_set, thickness=1, radius=2, colours=white)
+        for person in np.reshape(pred, (-1, k, 2)):
+            rgb = draw_skeleton(rgb, (person + 0.5) * f - 0.5, np.ones(k), joint_set, thickness=2, radius=3)
         tiles.append(rgb)
     if not tiles:
         return None
+    height = max(t.shape[0] for t in tiles)
+    tiles = [np.pad(t, ((0, height - t.shape[0]), (0, 0), (0, 0))) for t in tiles]
     rows = []
     for r in range(0, len(tiles), cols):
         row = tiles[r:r + cols]
         row += [np.zeros_like(tiles[0])] * (cols - len(row))
         rows.append(np.concatenate(row, axis=1))
-    grid = np.concatenate(rows, axis=0)
-    cv2.imwrite(path, cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-    return path
+    return write_png(path, np.concatenate(rows, axis=0))
+
+
+def write_png(path, rgb):
+    """Write an RGB uint8 image as a PNG through the atomic write."""
+    ok, data = cv2.imencode('.png', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f'cannot encode {path} as PNG')
+    return atomic_write(path, lambda f: f.write(data.tobytes()), binary=True)

@@ -1,0 +1,125 @@
+"""Checkpoints that describe themselves.
+
+Format 2 (written by this code)::
+
+    format         2
+    arch           {option: value} of the options the model's from_opts read (models.build_model)
+    config         {option: value as text}: every resolved option of the run (opts.as_text)
+    meta           joint set (name, names, flip pairs, skeleton, OKS sigmas, head segment),
+                   input and output size, the codec's settings
+    optimizer_type the optimiser the optimiser state belongs to
+    state_dict, optimizer, scaler, epoch, best, best_epoch, headline, history, torch_rng, cuda_rng
+
+So a checkpoint alone rebuilds its model, codec and joint metadata (``-test --loadModel`` needs no
+config file, and neither does ``utils.predictor.Predictor.from_checkpoint``). Format 1 (the first
+spine: ``arch`` with a fixed list of keys, no config or meta) still loads; the configuration must
+then come from the config files, as it always did.
+"""
+import os
+
+import torch
+
+from datasets.joints import JointSet
+from utils.errors import CheckpointError
+from utils.io import atomic_write
+
+FORMAT = 2
+# what a format-1 checkpoint's optimiser state holds, per optimiser
+_OPTIMIZER_STATE = {'square_avg': 'RMSprop', 'exp_avg': 'Adam', 'momentum_buffer': 'SGD'}
+
+
+def save(obj, path):
+    """torch.save through the atomic write: a crash mid-write keeps the previous file."""
+    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
+def load(path):
+    """The checkpoint dict at ``path`` (read with weights_only: a file cannot run code)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'--loadModel {path}: no such file')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- truncated, not a torch file, or a pickle with code in it
+        first = str(e).splitlines()[0][:120] if str(e) else ''
+        raise CheckpointError(f'--loadModel {path}: not a readable checkpoint ({type(e).__name__}: {first})') from None
+    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
+        raise CheckpointError(f'--loadModel {path}: not a checkpoint of this framework (no state_dict)')
+    return ckpt
+
+
+def config_defaults(ckpt):
+    """{option: text} a checkpoint recorded (format 2), or None (format 1)."""
+    config = ckpt.get('config')
+    return dict(config) if isinstance(config, dict) else None
+
+
+def joint_meta(joint_set):
+    return dict(name=joint_set.name, names=list(joint_set.names),
+                flip_pairs=[list(p) for p in joint_set.flip_pairs],
+                skeleton=[list(p) for p in joint_set.skeleton],
+                sigmas=list(joint_set.sigmas) if joint_set.sigmas is not None else None,
+                head=list(joint_set.head) if joint_set.head is not None else None)
+
+
+def make_meta(joint_set, codec, opts):
+    return dict(joints=joint_meta(joint_set), input_size=str(opts.inputRes), output_size=str(opts.outputRes),
+                codec=codec.settings())
+
+
+def joint_set_of(ckpt):
+    """The JointSet a format-2 checkpoint recorded (None for format 1)."""
+    meta = (ckpt.get('meta') or {}).get('joints')
+    if not meta:
+        return None
+    return JointSet(name=meta['name'], names=tuple(meta['names']),
+                    flip_pairs=tuple(tuple(p) for p in meta['flip_pairs']),
+                    skeleton=tuple(tuple(p) for p in meta['skeleton']),
+                    sigmas=tuple(meta['sigmas']) if meta.get('sigmas') is not None else None,
+                    head=tuple(meta['head']) if meta.get('head') is not None else None)
+
+
+def check_compatible(ckpt, model, path):
+    """One line naming what differs between the checkpoint's model and the configured one.
+
+    Only the options the configured model reads (``model.arch``) are compared, so an option it
+    does not use (``--baseName`` for an hourglass) never refuses a checkpoint.
+    """
+    saved = ckpt.get('arch') or {}
+    want = model.arch
+    if 'model' in saved and saved['model'] != want['model']:
+        keys = ['model', 'nJoints']
+    else:
+        keys = list(want)
+    diffs = [f'{k} {saved[k]!r} vs {want[k]!r}' for k in keys if k in saved and saved[k] != want[k]]
+    if diffs:
+        raise CheckpointError(f'--loadModel {path}: checkpoint does not fit this model: ' + ', '.join(diffs[:4])
+                              + ' (checkpoint vs configured)')
+
+
+def optimizer_type_of(ckpt):
+    """The optimiser a checkpoint's optimiser state belongs to (recorded, or read off the state)."""
+    if ckpt.get('optimizer_type'):
+        return ckpt['optimizer_type']
+    for state in (ckpt.get('optimizer') or {}).get('state', {}).values():
+        for key, name in _OPTIMIZER_STATE.items():
+            if key in state:
+                return name
+    return None
+
+
+def load_weights(model, state, path):
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            k = shapes[0]
+            parts.append(f'{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})')
+        if missing:
+            parts.append(f'{len(missing)} missing tensors (e.g. {missing[0]})')
+        if unexpected:
+            parts.append(f'{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})')
+        raise CheckpointError(f'--loadModel {path}: weights do not fit this model: ' + '; '.join(parts))
+    model.load_state_dict(state)
