@@ -45,6 +45,11 @@ def summary(opts):
 
 
 def check_data_fits(opts, reader):
+    classes = getattr(reader, 'num_classes', None)
+    if classes is not None and classes != opts.nClasses:
+        raise ConfigError(f'--nClasses {opts.nClasses} does not match dataset {opts.dataset} ({classes} classes)')
+    if reader.joint_set is None:          # not a keypoint dataset (classification)
+        return
     k = reader.joint_set.num_joints
     if k != opts.nJoints:
         raise ConfigError(f'--nJoints {opts.nJoints} does not match dataset {opts.dataset} ({k} joints)')

@@ -54,13 +54,9 @@ def build_reader(opts, split):
 
 
 def build_dataset(opts, split, codec, reader=None):
-    """-> PoseDataset for split 'train' or 'val'."""
+    """-> PoseDataset for split 'train' or 'val': the reader's records through the reader's
+    pipeline (``Reader.pipeline``: the shared pose pipeline unless the dataset needs another) and
+    the run's codec."""
     from datasets.base import PoseDataset
-    from datasets.pipeline import Pipeline
     reader = reader or build_reader(opts, split)
-    train = split == 'train'
-    pipeline = Pipeline(opts.inputRes.wh, reader.joint_set.flip_permutation(), train=train,
-                        max_scale=opts.maxScale, max_rotate=opts.maxRotate,
-                        max_translate=opts.maxTranslate, flip=opts.flipAug,
-                        color_jitter=opts.colorJitter)
-    return PoseDataset(reader, pipeline, codec, seed=opts.seed)
+    return PoseDataset(reader, reader.pipeline(opts, split == 'train'), codec, seed=opts.seed)

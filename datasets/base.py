@@ -12,7 +12,8 @@ Record (what a reader emits; no pixels)::
     visible    (N, K) float32, 1 for a labelled keypoint
     ...        whatever the dataset's metric needs (head_size, bbox, image_id, ...)
 
-Sample (what ``PoseDataset[i]`` returns; a dict)::
+Sample (what ``PoseDataset[i]`` returns; a dict): what the reader's pipeline made, the codec's
+targets and meta; for the pose pipeline::
 
     image      (3, H, W) float32 tensor, normalised
     keypoints  (N, K, 2) float32, input-crop pixels;  visible (N, K)
@@ -138,6 +139,13 @@ class Reader:
         kp[vis == 0] = 0.0
         self.records.append(dict(image=image, center=center, scale=scale, keypoints=kp, visible=vis, **fields))
 
+    def pipeline(self, opts, train):
+        """The pixel pipeline of this dataset's samples: the shared pose pipeline (one affine warp
+        of the person box), with the run's augmentation when ``train``."""
+        return Pipeline(opts.inputRes.wh, self.joint_set.flip_permutation(), train=train,
+                        max_scale=opts.maxScale, max_rotate=opts.maxRotate, max_translate=opts.maxTranslate,
+                        flip=opts.flipAug, color_jitter=opts.colorJitter)
+
     def missing_images(self):
         """The image files of the records that do not exist (checked before a run starts)."""
         paths = {r['image'] for r in self.records if r.get('image') is not None}
@@ -220,10 +228,10 @@ class PoseDataset(torch.utils.data.Dataset):
         except DatasetError as exc:
             return {'error': str(exc), 'meta': {'index': i}}
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        s = self.pipeline(image, rec, rng)
-        sample = dict(image=s['image'], keypoints=s['keypoints'], visible=s['visible'])
+        sample = self.pipeline(image, rec, rng)
+        affine = sample.pop('affine', None)
         sample.update(self.codec.encode(sample))
-        sample['meta'] = dict(index=i, affine=s['affine'])
+        sample['meta'] = dict(index=i) if affine is None else dict(index=i, affine=affine)
         return sample
 
     def collate(self, samples):

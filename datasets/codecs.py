@@ -12,8 +12,8 @@ A codec owns its task end to end, so training and evaluation can never disagree:
   pixels, scores (N, K) and an instance score (N,). Subclasses decode in the crop
   (``decode_crop``); the inverse affine is applied here, in one place, for every codec.
 
-Codecs are registered by the target a model declares (``model.target``): ``build_codec(opts,
-model)``. A codec's ``settings()`` are recorded in checkpoints, and ``from_settings`` rebuilds it.
+Codecs are registered by the target a model declares (``model.target``), here or in any module
+of ``datasets/``: ``build_codec(opts, model)``. A codec's ``settings()`` are recorded in checkpoints, and ``from_settings`` rebuilds it.
 
 Sizes given to a codec are an int (a square) or (W, H).
 """
@@ -37,8 +37,16 @@ def register_codec(target):
     return wrap
 
 
+def _import_codecs():
+    """Codecs may live in any module of ``datasets/`` (a dataset that brings its own task): import
+    them all before a lookup."""
+    import datasets
+    datasets.available()
+
+
 def build_codec(opts, model):
     """The codec of the target ``model`` declares, with the run's options."""
+    _import_codecs()
     if model.target not in CODECS:
         raise ConfigError(f'no codec for target {model.target!r} of {type(model).__name__}'
                           f'{did_you_mean(model.target, CODECS)}; known: {", ".join(sorted(CODECS))}')
@@ -47,6 +55,7 @@ def build_codec(opts, model):
 
 def codec_from_settings(settings):
     """Rebuild a codec from the ``settings()`` a checkpoint recorded."""
+    _import_codecs()
     settings = dict(settings)
     target = settings.pop('target')
     if target not in CODECS:

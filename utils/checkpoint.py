@@ -62,7 +62,7 @@ def joint_meta(joint_set):
 
 
 def make_meta(joint_set, codec, opts):
-    return dict(joints=joint_meta(joint_set), input_size=str(opts.inputRes), output_size=str(opts.outputRes),
+    return dict(joints=joint_meta(joint_set) if joint_set is not None else None, input_size=str(opts.inputRes), output_size=str(opts.outputRes),
                 codec=codec.settings())
 
 

@@ -87,8 +87,6 @@ class Predictor:
         images = batch['image']
         outputs = self.forward(images)
         if self.flip_test:
-            if self.flip_perm is None:
-                raise ValueError('flip test without a flip permutation')
             outputs = self.codec.flip_merge(outputs, self.forward(images.flip(-1)), self.flip_perm)
         return outputs
 
@@ -112,7 +110,7 @@ class Predictor:
                 accs.append((acc, batch['image'].shape[0]))
             people = self.codec.decode(outputs, batch)
             predictions.extend(people)
-            for b in range(min(keep - len(kept), len(people))):
+            for b in range(min(keep - len(kept), len(people)) if 'keypoints' in batch else 0):
                 kept.append(dict(image=batch['image'][b].float().cpu(), keypoints=batch['keypoints'][b].cpu().numpy(),
                                  visible=batch['visible'][b].cpu().numpy(), affine=batch['meta']['affine'][b].numpy(),
                                  prediction=people[b]))
