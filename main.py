@@ -133,6 +133,8 @@ def run_test(opts, ckpt):
 
 
 def run_train(opts, ckpt):
+    if ckpt is not None and ckpt.get('released') and not opts.finetune:
+        opts.finetune = True          # a released weight file holds no optimiser or schedule to resume
     exp_dir = run_folder(opts)
     resuming = ckpt is not None and not opts.finetune
     if resuming and int(ckpt.get('epoch', 0)) >= opts.nEpochs:

@@ -142,9 +142,10 @@ class Reader:
     def pipeline(self, opts, train):
         """The pixel pipeline of this dataset's samples: the shared pose pipeline (one affine warp
         of the person box), with the run's augmentation when ``train``."""
+        half_body = (opts.halfBodyProb, opts.halfBodyJoints, self.joint_set.upper_body) if opts.halfBodyProb > 0 else None
         return Pipeline(opts.inputRes.wh, self.joint_set.flip_permutation(), train=train,
                         max_scale=opts.maxScale, max_rotate=opts.maxRotate, max_translate=opts.maxTranslate,
-                        flip=opts.flipAug, color_jitter=opts.colorJitter)
+                        flip=opts.flipAug, color_jitter=opts.colorJitter, half_body=half_body, udp=opts.udp)
 
     def missing_images(self):
         """The image files of the records that do not exist (checked before a run starts)."""

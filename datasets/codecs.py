@@ -17,6 +17,7 @@ of ``datasets/``: ``build_codec(opts, model)``. A codec's ``settings()`` are rec
 
 Sizes given to a codec are an int (a square) or (W, H).
 """
+import cv2
 import numpy as np
 import torch
 
@@ -118,32 +119,62 @@ def _person(sample):
 
 @register_codec('heatmap')
 class HeatmapCodec(Codec):
-    """MSRA Gaussian heatmaps (Xiao et al. 2018, as in the HRNet / SimpleBaselines code).
+    """Gaussian heatmaps: the MSRA convention of HRNet / SimpleBaselines, with DARK decoding and
+    UDP as options.
 
     Encode: one map per joint; each person's Gaussian of ``sigma`` heatmap pixels, peak 1,
-    truncated at 3 sigma, centred at ``int(x / stride + 0.5)``; where several people's Gaussians
-    overlap the map takes their maximum. ``heatmap_weight`` (K,) is 0 for a joint no person has
-    labelled on the map (unlabelled, or its Gaussian entirely outside). Decode: argmax, then a
-    quarter-pixel shift towards the higher neighbour, times the stride (one person per image).
+    truncated at 3 sigma; where several people's Gaussians overlap the map takes their maximum.
+    ``heatmap_weight`` (K,) is 0 for a joint no person has labelled on the map (unlabelled, or its
+    Gaussian entirely outside).
+
+    * standard (MSRA): centred on the heatmap pixel ``int(x / stride + 0.5)``, stride = input /
+      output size; the flip test shifts the mirrored maps one pixel right.
+    * ``udp`` (Huang et al., CVPR 2020, unbiased data processing): centred exactly on the
+      sub-pixel position ``x / s`` with s = (input - 1) / (output - 1) (pixel-size units; the
+      pipeline's ``udp_affine_matrix`` is the matching crop), and a mirrored map needs no shift.
+
+    Decode (one person per image): the argmax, then
+    * ``decode='quarter'``: HRNet's ``get_final_preds``: a quarter pixel towards the higher
+      neighbour along x and y, for maxima at least two pixels inside the map;
+    * ``decode='dark'`` (Zhang et al., CVPR 2020): the maps blurred by a Gaussian of the
+      training sigma (kernel ``dark_kernel(sigma)``: 11 for sigma 2) rescaled to their maximum,
+      then one Newton step on their logarithm (the second-order Taylor expansion, finite
+      differences as the authors' ``taylor``), for maxima at least two pixels inside the map;
+    then times the stride (or s with UDP).
     """
 
-    def __init__(self, input_size, output_size, sigma=2.0):
+    def __init__(self, input_size, output_size, sigma=2.0, decode='quarter', udp=False):
         self.input_size = _pair(input_size)     # (W, H)
         self.output_size = _pair(output_size)   # (W, H)
         self.sigma = float(sigma)
-        self.stride = np.array(self.input_size, np.float32) / np.array(self.output_size, np.float32)
+        if decode not in ('quarter', 'dark'):
+            raise ConfigError(f"--decode {decode!r}: expected 'quarter' or 'dark'")
+        self.decode_mode = decode
+        self.udp = bool(udp)
+        size, out = np.array(self.input_size, np.float32), np.array(self.output_size, np.float32)
+        self.stride = (size - 1) / (out - 1) if self.udp else size / out
         radius = int(np.ceil(3 * self.sigma))
         g1 = np.arange(2 * radius + 1, dtype=np.float32) - radius
         self.radius = radius
         self.kernel = np.exp(-(g1[None, :] ** 2 + g1[:, None] ** 2) / (2 * self.sigma ** 2))
+        self.grid = g1                          # offsets of the kernel's samples from its centre
 
     @classmethod
     def from_opts(cls, opts, model):
-        return cls(opts.inputRes.wh, opts.outputRes.wh, opts.hmGauss)
+        return cls(opts.inputRes.wh, opts.outputRes.wh, opts.hmGauss, decode=opts.decode, udp=opts.udp)
 
     def settings(self):
         return dict(target=self.target, input_size=list(self.input_size), output_size=list(self.output_size),
-                    sigma=self.sigma)
+                    sigma=self.sigma, decode=self.decode_mode, udp=self.udp)
+
+    def _gaussian(self, x, y):
+        """The kernel for a joint at heatmap position (x, y): the precomputed one (MSRA), or one
+        evaluated at the sub-pixel offset from the nearest pixel (UDP); its centre pixel."""
+        mx, my = int(x + 0.5), int(y + 0.5)
+        if not self.udp:
+            return self.kernel, mx, my
+        dx, dy = self.grid - (x - mx), self.grid - (y - my)
+        return np.exp(-(dx[None, :] ** 2 + dy[:, None] ** 2) / (2 * self.sigma ** 2)).astype(np.float32), mx, my
 
     def encode(self, sample):
         """sample keypoints (N, K, 2) crop pixels, visible (N, K) -> heatmap (K, H, W) float32,
@@ -153,11 +184,10 @@ class HeatmapCodec(Codec):
         k = vis.shape[-1]
         target = np.zeros((k, h, w), np.float32)
         weight = np.zeros(k, np.float32)
-        r, gauss = self.radius, self.kernel
+        r = self.radius
         for person, labelled in zip(kp, vis > 0):
             for j in np.flatnonzero(labelled):
-                mx = int(person[j, 0] / self.stride[0] + 0.5)
-                my = int(person[j, 1] / self.stride[1] + 0.5)
+                gauss, mx, my = self._gaussian(person[j, 0] / self.stride[0], person[j, 1] / self.stride[1])
                 x0, y0, x1, y1 = mx - r, my - r, mx + r + 1, my + r + 1
                 if x0 >= w or y0 >= h or x1 <= 0 or y1 <= 0:
                     continue
@@ -183,11 +213,13 @@ class HeatmapCodec(Codec):
     def flip_back(self, output, flip_perm):
         """Output of the horizontally flipped image -> output for the original image.
 
-        Mirrors the maps, swaps left/right channels, and shifts one pixel right (the usual
-        correction of the half-stride misalignment of a flipped heatmap).
+        Mirrors the maps and swaps left/right channels; the standard codec also shifts them one
+        pixel right (the usual correction of the half-stride misalignment of a mirrored heatmap),
+        UDP needs no shift.
         """
         out = output.flip(-1)[:, flip_perm]
-        out = torch.cat([out[..., :1], out[..., :-1]], dim=-1)
+        if not self.udp:
+            out = torch.cat([out[..., :1], out[..., :-1]], dim=-1)
         return out
 
     def decode_crop(self, outputs):
@@ -203,18 +235,72 @@ class HeatmapCodec(Codec):
         scores = flat.max(-1)
         xs = (idx % w).astype(np.float32)
         ys = (idx // w).astype(np.float32)
-        # quarter-pixel shift towards the higher neighbour
-        ni, ki = np.meshgrid(np.arange(n), np.arange(k), indexing='ij')
-        xi, yi = xs.astype(int), ys.astype(int)
-        inner_x = (xi > 0) & (xi < w - 1)
-        inner_y = (yi > 0) & (yi < h - 1)
-        dx = np.zeros_like(xs)
-        dy = np.zeros_like(ys)
-        dx[inner_x] = np.sign(hm[ni, ki, yi, np.minimum(xi + 1, w - 1)] - hm[ni, ki, yi, np.maximum(xi - 1, 0)])[inner_x]
-        dy[inner_y] = np.sign(hm[ni, ki, np.minimum(yi + 1, h - 1), xi] - hm[ni, ki, np.maximum(yi - 1, 0), xi])[inner_y]
-        coords = np.stack([xs + 0.25 * dx, ys + 0.25 * dy], -1) * self.stride
+        if self.decode_mode == 'dark':
+            xy = dark_refine(hm, np.stack([xs, ys], -1), dark_kernel(self.sigma))
+        else:
+            xy = quarter_refine(hm, xs, ys)
+        coords = xy * self.stride
         coords[scores <= 0] = 0  # no peak: HRNet's convention of a zero prediction
         return coords.astype(np.float32), scores.astype(np.float32)
+
+
+def quarter_refine(hm, xs, ys):
+    """HRNet's post-processing: the argmax (xs, ys) (B, K) moved a quarter pixel towards the higher
+    neighbour along each axis, where the maximum lies inside 1 < x < W - 1 and 1 < y < H - 1.
+    hm (B, K, H, W). -> (B, K, 2) heatmap pixels."""
+    n, k, h, w = hm.shape
+    ni, ki = np.meshgrid(np.arange(n), np.arange(k), indexing='ij')
+    xi, yi = xs.astype(int), ys.astype(int)
+    inner = (xi > 1) & (xi < w - 1) & (yi > 1) & (yi < h - 1)
+    xc, yc = np.clip(xi, 1, w - 2), np.clip(yi, 1, h - 2)
+    dx = np.where(inner, np.sign(hm[ni, ki, yc, xc + 1] - hm[ni, ki, yc, xc - 1]), 0).astype(np.float32)
+    dy = np.where(inner, np.sign(hm[ni, ki, yc + 1, xc] - hm[ni, ki, yc - 1, xc]), 0).astype(np.float32)
+    return np.stack([xs + 0.25 * dx, ys + 0.25 * dy], -1)
+
+
+def dark_kernel(sigma):
+    """The odd Gaussian-blur kernel size of DARK for a heatmap sigma: the size whose default
+    OpenCV sigma, 0.3 ((k - 1) / 2 - 1) + 0.8, is nearest to it (11 for sigma 2, 17 for 3)."""
+    return 2 * max(1, int(round((float(sigma) - 0.8) / 0.3 + 1))) + 1
+
+
+def dark_refine(hm, coords, kernel):
+    """DARK's distribution-aware refinement of argmax positions.
+
+    hm (B, K, H, W); coords (B, K, 2) integer argmax positions (x, y); kernel: odd blur size.
+    Each map is blurred (zero padding, OpenCV's Gaussian of that size) and rescaled to its own
+    maximum, its logarithm taken (values floored at 1e-10), and at maxima with 1 < x < W - 2 and
+    1 < y < H - 2 one Newton step x - H^-1 g is taken, with g and H the central finite differences
+    of the log-map (second derivatives over two pixels, as the authors' ``taylor``).
+    -> (B, K, 2) heatmap pixels, float32.
+    """
+    n, k, h, w = hm.shape
+    border = (kernel - 1) // 2
+    logs = np.empty((n, k, h, w), np.float64)
+    for b in range(n):
+        for j in range(k):
+            peak = hm[b, j].max()
+            padded = np.zeros((h + 2 * border, w + 2 * border))
+            padded[border:border + h, border:border + w] = hm[b, j]
+            blurred = cv2.GaussianBlur(padded, (kernel, kernel), 0)[border:border + h, border:border + w]
+            top = blurred.max()
+            blurred = (blurred * (peak / top) if top > 0 else blurred).astype(np.float32)
+            logs[b, j] = np.log(np.maximum(blurred, 1e-10))
+    out = np.asarray(coords, np.float64).copy()
+    px, py = out[..., 0].astype(int), out[..., 1].astype(int)
+    inner = (px > 1) & (px < w - 2) & (py > 1) & (py < h - 2)
+    for b, j in zip(*np.nonzero(inner)):
+        m, x, y = logs[b, j], px[b, j], py[b, j]
+        dx = 0.5 * (m[y, x + 1] - m[y, x - 1])
+        dy = 0.5 * (m[y + 1, x] - m[y - 1, x])
+        dxx = 0.25 * (m[y, x + 2] - 2 * m[y, x] + m[y, x - 2])
+        dyy = 0.25 * (m[y + 2, x] - 2 * m[y, x] + m[y - 2, x])
+        dxy = 0.25 * (m[y + 1, x + 1] - m[y - 1, x + 1] - m[y + 1, x - 1] + m[y - 1, x - 1])
+        det = dxx * dyy - dxy * dxy
+        if det != 0:
+            out[b, j, 0] -= (dyy * dx - dxy * dy) / det
+            out[b, j, 1] -= (dxx * dy - dxy * dx) / det
+    return out.astype(np.float32)
 
 
 @register_codec('coords')

@@ -17,6 +17,8 @@ class JointSet:
     skeleton: limbs as (a, b) index pairs, for drawing.
     sigmas: (K,) per-keypoint OKS sigmas (COCO only).
     head: indices (upper neck, head top) that define the PCKh head segment, when present.
+    upper_body: indices of the upper body (HRNet's ``upper_body_ids``), for the half-body
+    augmentation; the other joints are the lower body.
     """
     name: str
     names: Tuple[str, ...]
@@ -24,6 +26,7 @@ class JointSet:
     skeleton: Tuple[Tuple[int, int], ...]
     sigmas: Optional[Tuple[float, ...]] = None
     head: Optional[Tuple[int, int]] = None
+    upper_body: Tuple[int, ...] = ()
 
     @property
     def num_joints(self) -> int:
@@ -58,6 +61,7 @@ MPII = JointSet(
     skeleton=((0, 1), (1, 2), (2, 6), (3, 6), (3, 4), (4, 5), (6, 7), (7, 8), (8, 9),
               (10, 11), (11, 12), (12, 7), (7, 13), (13, 14), (14, 15)),
     head=(8, 9),
+    upper_body=(7, 8, 9, 10, 11, 12, 13, 14, 15),
 )
 
 # LSP order: R-ankle, R-knee, R-hip, L-hip, L-knee, L-ankle, R-wrist, R-elbow, R-shoulder,
@@ -70,6 +74,7 @@ LSP = JointSet(
     skeleton=((0, 1), (1, 2), (3, 4), (4, 5), (2, 8), (3, 9), (6, 7), (7, 8), (8, 12),
               (9, 12), (9, 10), (10, 11), (12, 13)),
     head=(12, 13),
+    upper_body=(6, 7, 8, 9, 10, 11, 12, 13),
 )
 
 COCO = JointSet(
@@ -83,6 +88,7 @@ COCO = JointSet(
               (3, 5), (4, 6)),
     sigmas=(.026, .025, .025, .035, .035, .079, .079, .072, .072, .062, .062, .107, .107,
             .087, .087, .089, .089),
+    upper_body=tuple(range(11)),
 )
 
 JOINT_SETS = {js.name: js for js in (MPII, LSP, COCO)}

@@ -41,6 +41,57 @@ def affine_matrix(center, box_width, input_size, rotation=0.0, flip=False, shift
     return m
 
 
+def udp_affine_matrix(center, box_size, input_size, rotation=0.0, flip=False, shift=(0.0, 0.0)):
+    """The affine of unbiased data processing (UDP, Huang et al. 2020), in pixel-size units.
+
+    The box (box_size = (width, height) source pixels around ``center``) is mapped onto the span
+    from the first to the last pixel centre of the input: scale (W - 1) / width along x and
+    (H - 1) / height along y, the centre onto ((W - 1) / 2, (H - 1) / 2), and a flip mirrors
+    x -> W - 1 - x, so a mirrored crop is exactly the crop of the mirrored image. Arguments as
+    ``affine_matrix``.
+    """
+    w, h = input_size
+    sx, sy = (w - 1.0) / float(box_size[0]), (h - 1.0) / float(box_size[1])
+    a = np.deg2rad(rotation)
+    cos, sin = np.cos(a), np.sin(a)
+    cx, cy = float(center[0]) + shift[0], float(center[1]) + shift[1]
+    m = np.array([[cos * sx, sin * sx, 0.0], [-sin * sy, cos * sy, 0.0]], np.float64)
+    m[:, 2] = np.array([(w - 1) / 2.0, (h - 1) / 2.0]) - m[:, :2] @ np.array([cx, cy])
+    if flip:
+        m = np.array([[-1.0, 0.0, w - 1.0], [0.0, 1.0, 0.0]]) @ np.vstack([m, [0, 0, 1]])
+    return m
+
+
+def half_body_box(keypoints, visible, upper_body, input_size, rng):
+    """HRNet's half-body augmentation: the box of the upper or the lower body of one person.
+
+    keypoints (K, 2), visible (K,); upper_body: joint indices of the upper body. The upper body
+    is chosen when ``rng.normal() < 0.5`` and it has more than 2 labelled joints, else the lower
+    body if it has more than 2, else the upper. Returns (center (2,), scale (2,) = 1.5 x the
+    extent of the chosen joints, extended to the input's aspect ratio, / 200), or (None, None)
+    when fewer than 2 joints are chosen.
+    """
+    labelled = np.asarray(visible) > 0
+    upper_mask = np.zeros(len(labelled), bool)
+    upper_mask[list(upper_body)] = True
+    upper, lower = keypoints[labelled & upper_mask], keypoints[labelled & ~upper_mask]
+    if rng.normal() < 0.5 and len(upper) > 2:
+        chosen = upper
+    else:
+        chosen = lower if len(lower) > 2 else upper
+    if len(chosen) < 2:
+        return None, None
+    chosen = np.asarray(chosen, np.float32)
+    center = chosen.mean(axis=0)
+    w, h = (chosen.max(axis=0) - chosen.min(axis=0)).tolist()
+    aspect = input_size[0] / float(input_size[1])
+    if w > aspect * h:
+        h = w / aspect
+    elif w < aspect * h:
+        w = h * aspect
+    return center, np.array([w / 200.0, h / 200.0], np.float32) * 1.5
+
+
 def invert_affine(m):
     """Inverse of a 2x3 affine matrix."""
     full = np.vstack([np.asarray(m, np.float64), [0, 0, 1]])
@@ -100,12 +151,15 @@ class Pipeline:
     Training draws, per sample, a scale factor ``clip(1 + N(0, max_scale), 1 -/+ max_scale)``,
     a rotation ``clip(N(0, max_rotate), +/- 2 max_rotate)`` with probability ``rotate_prob``, a
     centre shift uniform in ``+/- max_translate`` box widths, a horizontal flip with probability
-    1/2 (joints swapped with ``flip_perm``) and a per-channel colour gain in ``1 +/- color_jitter``.
-    Evaluation uses none of them.
+    1/2 (joints swapped with ``flip_perm``) and a per-channel colour gain in ``1 +/- color_jitter``;
+    with ``half_body`` = (probability, min_joints, upper_body ids), a person with more than
+    min_joints labelled joints is cropped to its upper or lower body with that probability
+    (``half_body_box``). Evaluation uses none of them. ``udp``: the affine of ``udp_affine_matrix``
+    instead of ``affine_matrix``.
     """
 
     def __init__(self, input_size, flip_perm, train=False, max_scale=0.25, max_rotate=30.0,
-                 max_translate=0.0, flip=True, color_jitter=0.2, rotate_prob=0.6):
+                 max_translate=0.0, flip=True, color_jitter=0.2, rotate_prob=0.6, half_body=None, udp=False):
         self.input_size = (int(input_size), int(input_size)) if np.isscalar(input_size) else tuple(input_size)
         self.flip_perm = np.asarray(flip_perm)
         self.train = train
@@ -115,6 +169,8 @@ class Pipeline:
         self.flip = flip
         self.color_jitter = color_jitter
         self.rotate_prob = rotate_prob
+        self.half_body = half_body if half_body and half_body[0] > 0 else None
+        self.udp = bool(udp)
 
     def sample_params(self, rng):
         if not self.train:
@@ -136,10 +192,17 @@ class Pipeline:
         visible=(N, K), affine=(2, 3) original -> crop). Every person goes through the same
         matrix; a flip also swaps each person's left and right keypoints.
         """
-        p = self.sample_params(rng if rng is not None else np.random.default_rng())
-        box_w = crop_box(record['scale'], self.input_size)[0] * p['scale']
+        rng = rng if rng is not None else np.random.default_rng()
+        p = self.sample_params(rng)
+        center, scale = record['center'], record['scale']
+        if self.train and self.half_body is not None:
+            center, scale = self._half_body(record, rng, center, scale)
+        box_w, box_h = (v * p['scale'] for v in crop_box(scale, self.input_size))
         shift = (p['shift'][0] * box_w, p['shift'][1] * box_w)
-        m = affine_matrix(record['center'], box_w, self.input_size, p['rotation'], p['flip'], shift)
+        if self.udp:
+            m = udp_affine_matrix(center, (box_w, box_h), self.input_size, p['rotation'], p['flip'], shift)
+        else:
+            m = affine_matrix(center, box_w, self.input_size, p['rotation'], p['flip'], shift)
         crop = cv2.warpAffine(image, m, self.input_size, flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
         if p['gain'] is not None:
@@ -150,3 +213,13 @@ class Pipeline:
         if p['flip']:
             keypoints, visible = keypoints[:, self.flip_perm], visible[:, self.flip_perm]
         return dict(image=normalize(crop), keypoints=keypoints, visible=visible, affine=m.astype(np.float32))
+
+    def _half_body(self, record, rng, center, scale):
+        """The half-body box of the record's first person, drawn as HRNet does (a uniform draw
+        against the probability, for people with enough labelled joints)."""
+        prob, min_joints, upper = self.half_body
+        visible = np.asarray(record['visible'])
+        if len(visible) == 0 or visible[0].sum() <= min_joints or rng.random() >= prob:
+            return center, scale
+        c, s = half_body_box(np.asarray(record['keypoints'])[0], visible[0], upper, self.input_size, rng)
+        return (center, scale) if c is None else (c, s)

@@ -39,6 +39,14 @@ class StackedHourglass(nn.Module):
             StackHead(channels, num_joints, make_block, num_modules) for _ in range(num_stacks))
         self.remaps = nn.ModuleList(Remap(channels, num_joints) for _ in range(num_stacks - 1))
 
+    @staticmethod
+    def options_from_state(state):
+        """The options a state dict with this layout was made with."""
+        score = state['heads.0.score.weight']
+        return {'nJoints': int(score.shape[0]), 'nChannels': int(score.shape[1]),
+                'nStack': len({k.split('.')[1] for k in state if k.startswith('heads.')}),
+                'stemChannels': 2 * int(state['stem.conv.0.weight'].shape[0])}
+
     @classmethod
     def from_opts(cls, opts):
         return cls(num_joints=opts.nJoints, num_stacks=opts.nStack, num_modules=opts.nModules,

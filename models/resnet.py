@@ -172,6 +172,17 @@ def resnet(name, num_classes=None):
     return ResNet(check_name(name), num_classes)
 
 
+def depth_from_state(state, prefix=''):
+    """The ResNet name whose blocks a state dict holds ('resnet50', ...), or None: read off the
+    number of blocks of layer1..layer4 and whether they are bottlenecks (``conv3``)."""
+    blocks = []
+    for layer in range(1, 5):
+        ids = {int(k[len(prefix):].split('.')[1]) for k in state if k.startswith(f'{prefix}layer{layer}.')}
+        blocks.append(len(ids))
+    kind = 'bottleneck' if f'{prefix}layer1.0.conv3.weight' in state else 'basic'
+    return next((name for name, spec in SPECS.items() if spec == (kind, tuple(blocks))), None)
+
+
 def trunk_keys(model):
     """State-dict keys of ``model`` that belong to its ResNet trunk (conv1, bn1, layer1-4)."""
     return [k for k in model.state_dict() if k.split('.', 1)[0] in TRUNK]

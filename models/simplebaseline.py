@@ -11,7 +11,7 @@ load with ``model.load_state_dict``, and torchvision ImageNet weights fill the t
 import torch.nn as nn
 
 from . import register_model
-from .resnet import ResNet, check_name, load_pretrained
+from .resnet import ResNet, check_name, depth_from_state, load_pretrained
 
 
 @register_model('SimpleBaseline')
@@ -47,6 +47,15 @@ class SimpleBaseline(ResNet):
 
     def forward(self, x):
         return [self.final_layer(self.deconv_layers(self.features(x)))]
+
+    @staticmethod
+    def options_from_state(state):
+        """The options a state dict with this layout was made with: nJoints, baseName."""
+        found = {'nJoints': int(state['final_layer.weight'].shape[0])}
+        depth = depth_from_state(state)
+        if depth:
+            found['baseName'] = depth
+        return found
 
     @classmethod
     def from_opts(cls, opts):

@@ -182,7 +182,8 @@ def test_checkpoint_alone_rebuilds_model_codec_and_joints_and_reproduces_the_sco
     ckpt = torch.load(best, weights_only=True)
     assert ckpt['format'] == 2 and ckpt['config']['nStack'] == '2' and ckpt['config']['inputRes'] == '32'
     assert ckpt['meta']['joints']['names'] == list(MPII.names)
-    assert ckpt['meta']['codec'] == dict(target='heatmap', input_size=[32, 32], output_size=[8, 8], sigma=1.0)
+    assert ckpt['meta']['codec'] == dict(target='heatmap', input_size=[32, 32], output_size=[8, 8], sigma=1.0,
+                                         decode='quarter', udp=False)
     # the hourglass reads only its own options: baseName, modelName, ... are not part of its arch
     assert set(ckpt['arch']) == {'model', 'nJoints', 'nStack', 'nModules', 'nChannels', 'nReductions', 'stemChannels'}
     predictor = Predictor.from_checkpoint(str(best))

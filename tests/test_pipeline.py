@@ -107,3 +107,61 @@ def test_a_dot_in_a_256x192_crop_maps_back_within_half_a_pixel():
     assert np.abs(back - points).max() < 0.5
     # the extended box fills the crop exactly: zoom 192 / 225 along both axes
     assert np.allclose(np.abs(np.linalg.det(out['affine'][:, :2])), (192 / 225) ** 2, rtol=1e-5)
+
+
+def test_udp_affine_maps_the_box_onto_pixel_centres_and_mirrors_exactly():
+    from datasets.pipeline import udp_affine_matrix
+    m = udp_affine_matrix((300.0, 200.0), (150.0, 200.0), (192, 256))
+    assert np.allclose(transform_points([[300.0, 200.0]], m), [[95.5, 127.5]])
+    # the box's left and right edges land on the first and last pixel centres
+    assert np.allclose(transform_points([[225.0, 100.0], [375.0, 300.0]], m), [[0.0, 0.0], [191.0, 255.0]])
+    f = udp_affine_matrix((300.0, 200.0), (150.0, 200.0), (192, 256), flip=True)
+    pts = np.random.default_rng(0).uniform(150, 350, (10, 2))
+    a, b = transform_points(pts, m), transform_points(pts, f)
+    assert np.allclose(b[:, 0], 191 - a[:, 0]) and np.allclose(b[:, 1], a[:, 1])
+    # pixels follow: a dot lands where its keypoint lands, and the flipped crop is the mirror image
+    points = np.array([[280.0, 150.0], [330.0, 260.0]])
+    img = dot_image(400, 500, points)
+    record = dict(center=np.array([300.0, 200.0]), scale=np.array([150.0, 200.0]) / 200,
+                  keypoints=points[None], visible=np.ones((1, 2)))
+    out = Pipeline((192, 256), np.arange(2), udp=True)(img, record)
+    crop = denormalize(out['image'])[..., 0]
+    for p in out['keypoints'][0]:
+        assert np.linalg.norm(centroid(crop, p) - p) < 0.5
+    mirrored = cv2.warpAffine(img, f, (192, 256), flags=cv2.INTER_LINEAR)
+    straight = cv2.warpAffine(img, m, (192, 256), flags=cv2.INTER_LINEAR)
+    assert np.abs(mirrored[:, ::-1].astype(int) - straight).max() <= 1
+
+
+def test_half_body_crops_the_upper_or_lower_body_as_hrnet():
+    from datasets.joints import COCO
+    from datasets.pipeline import half_body_box
+    rng = np.random.default_rng(0)
+    kp = rng.uniform(50, 250, (17, 2)).astype(np.float32)
+    vis = np.ones(17)
+    picks = set()
+    for seed in range(40):
+        c, s = half_body_box(kp, vis, COCO.upper_body, (192, 256), np.random.default_rng(seed))
+        part = kp[:11] if np.allclose(c, kp[:11].mean(0)) else kp[11:]
+        picks.add(len(part))
+        assert np.allclose(c, part.mean(0), atol=1e-4)
+        w, h = part.max(0) - part.min(0)
+        w, h = (w, w / 0.75) if w > 0.75 * h else (h * 0.75, h)
+        assert np.allclose(s, np.array([w, h]) / 200 * 1.5, rtol=1e-5)
+    assert picks == {11, 6}                      # both halves are drawn
+    vis_upper_only = np.r_[np.ones(11), np.zeros(6)]
+    c, _ = half_body_box(kp, vis_upper_only, COCO.upper_body, (192, 256), np.random.default_rng(3))
+    assert np.allclose(c, kp[:11].mean(0))       # the lower body has no joints: the upper one
+    # in the pipeline: training only, for people with more than halfBodyJoints labelled joints
+    record = dict(center=np.array([150.0, 150.0]), scale=np.array([1.5, 1.5]), keypoints=kp[None], visible=vis[None])
+    img = np.zeros((300, 300, 3), np.uint8)
+    on = Pipeline((192, 256), COCO.flip_permutation(), train=True, max_scale=0, max_rotate=0, flip=False,
+                  color_jitter=0, half_body=(1.0, 8, COCO.upper_body))
+    off = Pipeline((192, 256), COCO.flip_permutation(), train=True, max_scale=0, max_rotate=0, flip=False,
+                   color_jitter=0)
+    zoom = lambda out: abs(out['affine'][0, 0])
+    assert zoom(on(img, record, np.random.default_rng(1))) > zoom(off(img, record, np.random.default_rng(1)))
+    few = dict(record, visible=np.r_[np.ones(8), np.zeros(9)][None])
+    assert zoom(on(img, few, np.random.default_rng(1))) == zoom(off(img, few, np.random.default_rng(1)))
+    evaluation = Pipeline((192, 256), COCO.flip_permutation(), half_body=(1.0, 8, COCO.upper_body))
+    assert zoom(evaluation(img, record)) == pytest.approx(192 / 300)

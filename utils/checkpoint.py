@@ -34,7 +34,13 @@ def save(obj, path):
 
 
 def load(path):
-    """The checkpoint dict at ``path`` (read with weights_only: a file cannot run code)."""
+    """The checkpoint dict at ``path`` (read with weights_only: a file cannot run code).
+
+    Also accepts the weight files that authors release (HRNet's ``pose_hrnet_*``, SimpleBaselines'
+    ``pose_resnet_*``, HigherHRNet's ``pose_higher_hrnet_*``): a bare state dict, or one wrapped
+    under 'state_dict' or 'model', with or without DataParallel's 'module.' prefix. Those come back
+    as {'state_dict': ..., 'released': True}: weights alone, no options, no optimiser state.
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f'--loadModel {path}: no such file')
     try:
@@ -42,9 +48,26 @@ def load(path):
     except Exception as e:  # noqa: BLE001 -- truncated, not a torch file, or a pickle with code in it
         first = str(e).splitlines()[0][:120] if str(e) else ''
         raise CheckpointError(f'--loadModel {path}: not a readable checkpoint ({type(e).__name__}: {first})') from None
-    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
-        raise CheckpointError(f'--loadModel {path}: not a checkpoint of this framework (no state_dict)')
-    return ckpt
+    if isinstance(ckpt, dict) and 'format' in ckpt and isinstance(ckpt.get('state_dict'), dict):
+        return ckpt
+    state = released_state(ckpt)
+    if state is None:
+        raise CheckpointError(f'--loadModel {path}: neither a checkpoint of this framework nor a state dict of '
+                              f'tensors (got {type(ckpt).__name__})')
+    return {'state_dict': state, 'released': True}
+
+
+def released_state(obj):
+    """A state dict of tensors from a released weight file's content, the 'module.' prefix of
+    DataParallel removed; None when it holds none."""
+    if isinstance(obj, dict):
+        for key in ('state_dict', 'model'):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return None
+    return {(k[7:] if k.startswith('module.') else k): v for k, v in obj.items()}
 
 
 def config_defaults(ckpt):
@@ -58,7 +81,8 @@ def joint_meta(joint_set):
                 flip_pairs=[list(p) for p in joint_set.flip_pairs],
                 skeleton=[list(p) for p in joint_set.skeleton],
                 sigmas=list(joint_set.sigmas) if joint_set.sigmas is not None else None,
-                head=list(joint_set.head) if joint_set.head is not None else None)
+                head=list(joint_set.head) if joint_set.head is not None else None,
+                upper_body=list(joint_set.upper_body))
 
 
 def make_meta(joint_set, codec, opts):
@@ -75,7 +99,8 @@ def joint_set_of(ckpt):
                     flip_pairs=tuple(tuple(p) for p in meta['flip_pairs']),
                     skeleton=tuple(tuple(p) for p in meta['skeleton']),
                     sigmas=tuple(meta['sigmas']) if meta.get('sigmas') is not None else None,
-                    head=tuple(meta['head']) if meta.get('head') is not None else None)
+                    head=tuple(meta['head']) if meta.get('head') is not None else None,
+                upper_body=tuple(meta.get('upper_body') or ()))
 
 
 def check_compatible(ckpt, model, path):
@@ -108,6 +133,9 @@ def optimizer_type_of(ckpt):
 
 
 def load_weights(model, state, path):
+    """Copy ``state`` into ``model`` after checking every tensor's name and shape; a mismatch is one
+    line saying which tensors differ and, where the model can tell (``options_from_state``), which
+    options the file was made with (``--nJoints 17``, ``--baseName resnet101``, ...)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -121,5 +149,21 @@ def load_weights(model, state, path):
             parts.append(f'{len(missing)} missing tensors (e.g. {missing[0]})')
         if unexpected:
             parts.append(f'{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})')
-        raise CheckpointError(f'--loadModel {path}: weights do not fit this model: ' + '; '.join(parts))
+        raise CheckpointError(f'--loadModel {path}: weights do not fit this model: ' + '; '.join(parts)
+                              + _options_hint(model, state))
     model.load_state_dict(state)
+
+
+def _options_hint(model, state):
+    """'; the file was made with --nJoints 17 (configured: 16)' when the model can read its options
+    off a state dict and they differ from its own."""
+    read = getattr(type(model), 'options_from_state', None)
+    if read is None:
+        return ''
+    try:
+        found = read(state)
+    except Exception:  # noqa: BLE001 -- a state dict of another architecture altogether
+        return '; it does not look like a state dict of this architecture'
+    arch = getattr(model, 'arch', {})
+    diffs = [f'--{k} {v} (configured: {arch[k]})' for k, v in found.items() if k in arch and arch[k] != v]
+    return ('; the file was made with ' + ', '.join(diffs)) if diffs else ''

@@ -405,3 +405,22 @@ def format_per_joint(table, decimals=2):
         return ''
     w = max(len(n) for n in per)
     return '\n'.join(f'{n.ljust(w)}  {_fmt(v, decimals).rjust(7)}' for n, v in per.items())
+
+
+def topk_accuracy(topk, labels, k):
+    """Top-k classification accuracy, in percent.
+
+    topk: (N, >= k) int, each row the predicted class indices best first; labels: (N,) int, the
+    true classes. Returns 100 x the fraction of rows whose first ``k`` predictions hold the label
+    (a float). Wrong shapes, k outside [1, topk.shape[1]] or N = 0 are a ValueError.
+    """
+    topk = np.asarray(topk)
+    labels = np.asarray(labels)
+    if topk.ndim != 2 or labels.shape != (topk.shape[0],):
+        raise ValueError(f'topk_accuracy: topk {topk.shape} must be (N, k) and labels {labels.shape} (N,)')
+    if not 1 <= k <= topk.shape[1]:
+        raise ValueError(f'topk_accuracy: k {k} is outside [1, {topk.shape[1]}]')
+    if len(labels) == 0:
+        raise ValueError('topk_accuracy: no samples')
+    hits = (topk[:, :k] == labels[:, None]).any(axis=1)
+    return float(hits.mean() * 100.0)

@@ -63,8 +63,9 @@ class Predictor:
         ckpt = checkpoint.load(path)
         config = checkpoint.config_defaults(ckpt)
         if config is None:
-            raise CheckpointError(f'{path}: a format-1 checkpoint does not describe its model; '
-                                  f'evaluate it with -test and its config files')
+            kind = 'a released weight file' if ckpt.get('released') else 'a format-1 checkpoint'
+            raise CheckpointError(f'{path}: {kind} does not describe its model; evaluate it with -test '
+                                  f'and its config files')
         opts = options.parse([], defaults=config)
         opts.pretrained = None
         model = build_model(opts)
