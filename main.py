@@ -36,7 +36,8 @@ def summary(opts):
     model = build_model(options_namespace(opts, pretrained=None)).eval()
     params = count_parameters(model)
     g, out = gflops(model, opts.inputRes)
-    print(f'model: {opts.model} ({type(model).__name__}), target: {model.target}, joints: {opts.nJoints}')
+    what = f'classes: {opts.nClasses}' if model.target == 'classification' else f'joints: {opts.nJoints}'
+    print(f'model: {opts.model} ({type(model).__name__}), target: {model.target}, {what}')
     print(f'parameters: {params}')
     print(f'GFLOPs: {g:.3f} (multiply-accumulates for one {opts.inputRes.height}x{opts.inputRes.width} input)')
     for i, o in enumerate(out):
@@ -63,6 +64,13 @@ def check_images(*readers):
         if missing:
             raise DatasetError(f'{reader.registry_name} {reader.split}: {len(missing)} image file'
                                f'{"s" if len(missing) > 1 else ""} not found, e.g. {missing[0]}')
+
+
+RUN_FILES = ('config.defconf', 'log.txt', 'metrics.json', 'model_last.pth', 'model_best.pth', 'vis.png')
+
+
+def written(folder, names):
+    return [n for n in names if os.path.isfile(os.path.join(folder, n))]
 
 
 def print_table(title, table):
@@ -128,7 +136,8 @@ def run_test(opts, ckpt):
     write_text(os.path.join(exp_dir, 'test_metrics.txt'), metrics.format_table(result['table'], title=title) + '\n')
     print_table(title, result['table'])
     write_vis(os.path.join(exp_dir, 'test_vis.png'), result, reader.joint_set)
-    print(f'predictions: {pred_path}; results in {exp_dir} (test_metrics.json, test_metrics.txt, test_vis.png)')
+    print(f'predictions: {pred_path}; results in {exp_dir} '
+          f'({", ".join(written(exp_dir, ("test_metrics.json", "test_metrics.txt", "test_vis.png")))})')
     return result
 
 
@@ -156,7 +165,7 @@ def run_train(opts, ckpt):
     if result is not None:
         print_table(f'{opts.dataset} validation after epoch {trainer.epoch} '
                     f'(best {trainer.best:.2f} at epoch {trainer.best_epoch})', result['table'])
-        print(f'run folder: {exp_dir} (config.defconf, log.txt, metrics.json, model_last.pth, model_best.pth, vis.png)')
+        print(f'run folder: {exp_dir} ({", ".join(written(exp_dir, RUN_FILES))})')
     return result
 
 

@@ -220,6 +220,7 @@ def build_parser():
     g.add_argument('--optimizer_type', default='RMSprop', choices=['RMSprop', 'Adam', 'SGD'], help='optimiser')
     g.add_argument('--LR', type=_ranged(float, 0.0), default=2.5e-4, help='learning rate')
     g.add_argument('--momentum', type=_ranged(float, 0.0, 1.0), default=0.0, help='momentum (SGD, RMSprop)')
+    g.add_argument('--nesterov', type=_bool, nargs='?', const=True, default=False, help="SGD: Nesterov momentum (HRNet-Image-Classification's recipe)")
     g.add_argument('--weightDecay', type=_ranged(float, 0.0), default=0.0, help='weight decay')
     g.add_argument('--dropLR', type=_ranged(int, 0), default=0, help='multiply the LR by dropMag every dropLR epochs (0: never)')
     g.add_argument('--dropMag', type=_ranged(float, 0.0, 1.0), default=0.1, help='LR drop factor')

@@ -88,6 +88,8 @@ TINY_MODELS = {
     'SimpleBaseline': ['--baseName', 'resnet18'],
     'ChainedPredictions': ['--modelName', 'resnet18'],
     'DeepPose': ['--baseName', 'resnet18', '--nStages', '2'],
+    'HRNet': ['--hrnetWidth', '4'],
+    'ClassificationHRNet': ['--hrnetWidth', '4', '--nClasses', '10'],
 }
 
 
@@ -112,7 +114,7 @@ def test_every_model_builds_and_runs_at_256x192(name, threads):
     model = build_model(o).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 256, 192))
-    expected = (1, 17, 2) if model.target == 'coords' else (1, 17, 64, 48)
+    expected = {'coords': (1, 17, 2), 'classification': (1, 10)}.get(model.target, (1, 17, 64, 48))
     assert all(tuple(x.shape) == expected for x in out)
     # -summary takes the same size
     main_module.summary(o)

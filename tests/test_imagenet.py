@@ -427,3 +427,28 @@ def test_topk_accuracy():
                 (topk[:0], labels[:0], 1)]:
         with pytest.raises(ValueError):
             metrics.topk_accuracy(*bad)
+
+
+def test_classification_hrnet_trains_tests_and_feeds_the_pose_hrnet(tmp_path):
+    """The whole path from the command line: a tiny ClassificationHRNet trains one epoch on the
+    folder, -test reproduces its recorded Top-1 from the checkpoint alone, and the checkpoint is
+    an ImageNet initialisation for the pose HRNet's --pretrained (HigherHRNet's first step)."""
+    import main as main_module
+    from models import build_model
+    root = small_tree(tmp_path / 'data')
+    run = ['--dataset', 'ImageNet', '--dataDir', str(root), '--model', 'ClassificationHRNet', '--hrnetWidth', '4',
+           '--nClasses', '3', '--inputRes', '64', '--data_loader_size', '4', '--nThreads', '0', '--progress', 'false',
+           '--nEpochs', '1', '--optimizer_type', 'SGD', '--LR', '0.01', '--momentum', '0.9', '--nesterov',
+           '--expDir', str(tmp_path), '--expID', 'cls']
+    result = main_module.main(run)
+    assert set(result['table']) == {'Top-1', 'Top-5'} and 0 <= result['headline'] <= 100
+    best = tmp_path / 'cls' / 'model_best.pth'
+    ckpt = torch.load(best, weights_only=True)
+    assert ckpt['meta']['codec'] == {'target': 'classification', 'num_classes': 3, 'topk': 5}
+    again = main_module.main(['-test', '--loadModel', str(best), '--progress', 'false'])
+    assert again['headline'] == pytest.approx(ckpt['headline'])
+    assert (tmp_path / 'cls' / 'predictions.csv').is_file()
+    pose = build_model(options.parse(['--model', 'HRNet', '--hrnetWidth', '4', '--nJoints', '17',
+                                      '--inputRes', '64', '--outputRes', '16', '--pretrained', str(best)]))
+    assert torch.equal(pose.state_dict()['stage4.0.branches.0.0.conv1.weight'],
+                       ckpt['state_dict']['stage4.0.branches.0.0.conv1.weight'])

@@ -50,7 +50,8 @@ def build_optimizer(opts, params):
                                    weight_decay=opts.weightDecay, foreach=True)
     if opts.optimizer_type == 'Adam':
         return torch.optim.Adam(params, lr=opts.LR, weight_decay=opts.weightDecay, fused=True)
-    return torch.optim.SGD(params, lr=opts.LR, momentum=opts.momentum, weight_decay=opts.weightDecay, fused=True)
+    return torch.optim.SGD(params, lr=opts.LR, momentum=opts.momentum, weight_decay=opts.weightDecay,
+                           nesterov=opts.nesterov, fused=True)
 
 
 def make_loader(opts, dataset, device, train=False, distributed=False):
