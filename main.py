@@ -111,7 +111,7 @@ def build(opts, ckpt):
     # a checkpoint's weights replace the ImageNet ones: do not read --pretrained then
     model = build_model(options_namespace(opts, pretrained=None) if ckpt is not None else opts)
     codec = build_codec(opts, model)
-    val_reader = build_reader(opts, 'val')
+    val_reader = build_reader(opts, 'val', codec)
     check_data_fits(opts, val_reader)
     return model, codec, val_reader
 
@@ -127,7 +127,7 @@ def run_test(opts, ckpt):
     check_images(reader)
     val_set = build_dataset(opts, 'val', codec, reader)
     predictor = Predictor(model, codec, device=pick_device(opts.gpuid), amp=opts.amp, flip_test=opts.flipTest,
-                          joint_set=reader.joint_set)
+                          joint_set=reader.joint_set, channels_last=opts.channelsLast)
     result = evaluate(predictor, val_set, opts, keep=opts.visCount)
     pred_path = reader.save_all(result['predictions'], exp_dir)
     title = f'{opts.dataset} validation, {opts.loadModel}' + (' (flip test)' if opts.flipTest else '')

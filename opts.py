@@ -45,6 +45,26 @@ def _int_list(v):
 _int_list.__name__ = 'list of integers'
 
 
+def _float_list(v):
+    if isinstance(v, (list, tuple)):
+        return [float(x) for x in v]
+    s = str(v).strip().strip('[]')
+    return [float(x) for x in s.replace(',', ' ').split()] if s else []
+
+
+_float_list.__name__ = 'list of numbers'
+
+
+def _scale_range(v):
+    lo_hi = _float_list(v)
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+        raise configargparse.ArgumentTypeError(f'expected MIN,MAX with 0 < MIN <= MAX, got {v!r}')
+    return lo_hi
+
+
+_scale_range.__name__ = 'scale range'
+
+
 class Resolution(tuple):
     """An image size (height, width), written as the papers write it: ``256x192`` (height x
     width) or one number for a square. ``.wh`` is (width, height), the order OpenCV takes."""
@@ -166,6 +186,7 @@ def build_parser():
     g.add_argument('--seed', type=int, default=0, help='random seed of weights, sampling and augmentation')
     g.add_argument('--gpuid', type=int, default=0, help='CUDA device index; -1 runs on the CPU (also the fallback when CUDA is absent)')
     g.add_argument('--amp', type=_bool, nargs='?', const=True, default=False, help='mixed precision: float16 with loss scaling on CUDA, bfloat16 autocast on the CPU (about 1.5x faster on CPUs with AVX512-BF16 or AMX, slower on older ones)')
+    g.add_argument('--channelsLast', type=_bool, nargs='?', const=True, default=True, help='run the convolutions channels-last (1.3-1.5x faster on the CPU and on tensor cores); false: NCHW, the layout of the reference implementations, for their heatmaps to the last float bit')
     g.add_argument('--flipTest', type=_bool, nargs='?', const=True, default=False, help='average the output of the horizontally flipped image at evaluation')
     g.add_argument('--visCount', type=_ranged(int, 0), default=8, help='validation images drawn into vis.png after each evaluation')
     g.add_argument('--progress', type=_bool, nargs='?', const=True, default=True, help='show the live progress bar')
@@ -191,6 +212,10 @@ def build_parser():
     g.add_argument('--detThreshold', type=_ranged(float, 0.0, 1.0), default=0.0, help='COCO: minimum detection score')
     g.add_argument('--halfBodyProb', type=_ranged(float, 0.0, 1.0), default=0.0, help="half-body augmentation (HRNet's COCO recipe: 0.3): probability of cropping a training person to the upper or the lower body")
     g.add_argument('--halfBodyJoints', type=_ranged(int, 0), default=8, help='half-body augmentation: only for people with more than this many labelled joints')
+    g.add_argument('--maxPeople', type=_ranged(int, 1), default=30, help='bottom-up models: at most this many people per image in the targets and in the grouping')
+    g.add_argument('--scaleRange', type=_scale_range, default=[0.75, 1.5], help="bottom-up training: the image's shorter side is scaled onto the input by a factor uniform in MIN,MAX (HigherHRNet: 0.75,1.5); --maxRotate is then a uniform bound and --maxTranslate a fraction of that box")
+    g.add_argument('--testScales', type=_float_list, default=[1.0], help='bottom-up testing: the scales of the multi-scale test (e.g. 0.5,1,2; 1 must be among them): heatmaps averaged, tags concatenated')
+    g.add_argument('--tagLossFactor', type=_ranged(float, 0.0), default=1e-3, help='bottom-up: weight of the associative-embedding push and pull losses (HigherHRNet: 1e-3)')
     g.add_argument('--nClasses', type=_ranged(int, 2), default=1000, help='classification models (ClassificationHRNet): number of classes (must match the dataset)')
 
     g = p.add_argument_group('model')

@@ -49,14 +49,27 @@ def reader_class(name):
     return DATASETS[name]
 
 
-def build_reader(opts, split):
-    return reader_class(opts.dataset)(opts, split)
+def build_reader(opts, split, codec=None):
+    """The dataset's reader for a split; one record per person, or, for a bottom-up codec
+    (``codec.bottom_up``), one per image with all its people (readers that can: ``bottom_up``)."""
+    cls = reader_class(opts.dataset)
+    if getattr(codec, 'bottom_up', False):
+        if not getattr(cls, 'bottom_up', False):
+            raise ConfigError(f'dataset {opts.dataset} has one record per person: it cannot train or test the '
+                              f'bottom-up model {opts.model} (use COCO, or synthetic scenes exported as COCO)')
+        return cls(opts, split, bottom_up=True)
+    return cls(opts, split)
 
 
 def build_dataset(opts, split, codec, reader=None):
-    """-> PoseDataset for split 'train' or 'val': the reader's records through the reader's
-    pipeline (``Reader.pipeline``: the shared pose pipeline unless the dataset needs another) and
-    the run's codec."""
+    """-> PoseDataset for split 'train' or 'val': the reader's records through the pipeline (the
+    codec's own for a bottom-up codec, else the reader's: the shared pose pipeline unless the
+    dataset needs another) and the run's codec."""
     from datasets.base import PoseDataset
-    reader = reader or build_reader(opts, split)
-    return PoseDataset(reader, reader.pipeline(opts, split == 'train'), codec, seed=opts.seed)
+    reader = reader or build_reader(opts, split, codec)
+    train = split == 'train'
+    if getattr(codec, 'bottom_up', False):
+        pipeline = codec.pipeline(opts, reader.joint_set, train)
+    else:
+        pipeline = reader.pipeline(opts, train)
+    return PoseDataset(reader, pipeline, codec, seed=opts.seed)

@@ -4,8 +4,8 @@ collate function that batches samples by field name.
 Record (what a reader emits; no pixels)::
 
     image      str, the image file (None for rendered data)
-    center     (2,) float32, the box centre in original-image pixels, 0-based
-    scale      (2,) float32, the box width and height / 200 px (the pipeline extends it to the
+    center     (2,) float, the box centre in original-image pixels, 0-based
+    scale      (2,) float, the box width and height / 200 px (the pipeline extends it to the
                input's aspect ratio)
     keypoints  (N, K, 2) float32, original-image pixels, 0-based; N people (1 for a top-down crop,
                any N >= 0 for a whole image)
@@ -18,7 +18,8 @@ targets and meta; for the pose pipeline::
     image      (3, H, W) float32 tensor, normalised
     keypoints  (N, K, 2) float32, input-crop pixels;  visible (N, K)
     <targets>  whatever the codec's ``encode`` made ('heatmap', 'heatmap_weight', ...)
-    meta       {'index': record index, 'affine': (2, 3) original -> crop}
+    meta       {'index': record index, 'affine': (2, 3) original -> crop,
+                'box': (5,) centre x, y, box width, rotation, flip of the crop}
 
 Batch: ``collate`` stacks every field by name; the people fields (``PEOPLE_FIELDS`` and the
 codec's own) are padded to the batch's largest N with zeros (visible 0, so padding never counts),
@@ -38,6 +39,8 @@ from utils.errors import DatasetError
 BOX_MARGIN = 1.25
 MIN_BOX_SIDE = 16.0     # pixels; guards a person whose labelled joints are (nearly) one point
 PEOPLE_FIELDS = ('keypoints', 'visible')
+# what a pipeline returns about the crop itself, moved into the sample's meta
+META_FIELDS = ('affine', 'box', 'size', 'center', 'scale')
 
 
 def first_existing(paths, kind='file'):
@@ -122,8 +125,10 @@ class Reader:
         k = self.joint_set.num_joints
         kp = np.asarray(keypoints, np.float32).reshape(-1, k, 2)
         vis = np.asarray(visible, np.float32).reshape(-1, k)
-        center = np.asarray(center, np.float32).reshape(2)
-        scale = np.asarray(scale, np.float32).reshape(-1)
+        # centre and scale keep their precision (float64 for MPII, float32 for COCO: the reference
+        # code's), so the crop's affine is the reference's bit for bit
+        center = np.asarray(center).reshape(2)
+        scale = np.asarray(scale).reshape(-1)
         scale = np.repeat(scale, 2) if scale.size == 1 else scale.reshape(2)
         if kp.shape[0] != vis.shape[0]:
             raise DatasetError(f'{where}: {kp.shape[0]} people with keypoints but {vis.shape[0]} with visibility')
@@ -147,6 +152,11 @@ class Reader:
                         max_scale=opts.maxScale, max_rotate=opts.maxRotate, max_translate=opts.maxTranslate,
                         flip=opts.flipAug, color_jitter=opts.colorJitter, half_body=half_body, udp=opts.udp)
 
+    def mask(self, record, height, width):
+        """The loss mask of a whole-image record (height, width) uint8, 1 where the loss counts, or
+        None (everywhere): what a bottom-up reader marks as not annotated."""
+        return None
+
     def missing_images(self):
         """The image files of the records that do not exist (checked before a run starts)."""
         paths = {r['image'] for r in self.records if r.get('image') is not None}
@@ -157,7 +167,9 @@ class Reader:
         path = record['image']
         if not os.path.isfile(path):
             raise DatasetError(f'image not found: {path}')
-        img = cv2.imread(path, cv2.IMREAD_COLOR)
+        # as the reference loaders: the stored pixels, whatever the EXIF orientation says (the
+        # annotations are in the stored frame)
+        img = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if img is None:
             raise DatasetError(f'corrupt or unreadable image: {path}')
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -228,11 +240,19 @@ class PoseDataset(torch.utils.data.Dataset):
             image = self.reader.load_image(rec)
         except DatasetError as exc:
             return {'error': str(exc), 'meta': {'index': i}}
+        if getattr(self.pipeline, 'train', False):
+            mask = self.reader.mask(rec, *image.shape[:2])      # bottom-up: regions the loss skips
+            if mask is not None:
+                rec = dict(rec, mask=mask)
         rng = np.random.default_rng([self.seed, self.epoch, i])
         sample = self.pipeline(image, rec, rng)
-        affine = sample.pop('affine', None)
+        meta = dict(index=i)
+        for key in META_FIELDS:                       # how the crop was made: meta, not a target
+            if key in sample:
+                meta[key] = sample.pop(key)
         sample.update(self.codec.encode(sample))
-        sample['meta'] = dict(index=i) if affine is None else dict(index=i, affine=affine)
+        sample = {k: v for k, v in sample.items() if v is not None}      # a field the codec consumed
+        sample['meta'] = meta
         return sample
 
     def collate(self, samples):

@@ -3,11 +3,14 @@
 A codec owns its task end to end, so training and evaluation can never disagree:
 
 * ``encode(sample) -> {name: array}``: the training targets of one sample, from its keypoints
-  (N, K, 2) and visibility (N, K) in input-crop pixels;
+  (N, K, 2) and visibility (N, K) in input-crop pixels (a None value removes a sample field the
+  codec has consumed);
 * ``loss(outputs, batch) -> {term: tensor}``: named loss terms (the trainer sums them for the
   backward pass and logs each one);
 * ``accuracy(outputs, batch) -> float or None``: the training accuracy it reports, if any;
-* ``flip_back(output, flip_perm)`` / ``flip_merge(outputs, flipped, flip_perm)``: the flip test;
+* ``flip_back(output, flip_perm)`` / ``flip_merge(outputs, flipped, flip_perm)``: the flip test,
+  and ``test_outputs(forward, batch, flip_perm, flip_test)``: how a batch goes through the model
+  at test time (once, or at several scales);
 * ``decode(outputs, batch) -> [instances per image]``: keypoints (N, K, 2) in ORIGINAL image
   pixels, scores (N, K) and an instance score (N,). Subclasses decode in the crop
   (``decode_crop``); the inverse affine is applied here, in one place, for every codec.
@@ -21,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from datasets.pipeline import to_original
+from datasets.pipeline import heatmap_to_original, to_original
 from utils import metrics
 from utils.errors import ConfigError, did_you_mean
 
@@ -92,6 +95,16 @@ class Codec:
     def flip_merge(self, outputs, flipped, flip_perm):
         """Outputs of the image and of its mirror image -> the flip test's outputs (the mean)."""
         return [(o + self.flip_back(f, flip_perm)) / 2 for o, f in zip(outputs, flipped)]
+
+    def test_outputs(self, forward, batch, flip_perm, flip_test):
+        """What ``decode`` reads for a batch: ``forward(images)`` (a list of outputs) of the batch's
+        images, merged with their mirror images' when ``flip_test``. A codec that tests at several
+        scales overrides this."""
+        images = batch['image']
+        outputs = forward(images)
+        if flip_test:
+            outputs = self.flip_merge(outputs, forward(images.flip(-1)), flip_perm)
+        return outputs
 
     def decode_crop(self, outputs):
         """-> keypoints (B, N, K, 2) in input-crop pixels, scores (B, N, K)."""
@@ -226,8 +239,29 @@ class HeatmapCodec(Codec):
         coords, scores = self.decode_heatmaps(outputs[-1])
         return coords[:, None], scores[:, None]
 
+    def decode(self, outputs, batch):
+        """As ``Codec.decode``; for the standard codec with the crop's box at hand, the heatmap
+        positions go back to the original image as HRNet's ``transform_preds`` takes them
+        (``heatmap_to_original``), so predictions equal the reference code's to the last bit."""
+        meta = batch['meta']
+        if self.udp or 'box' not in meta:
+            return super().decode(outputs, batch)
+        xy, scores = self.peaks(outputs[-1])
+        boxes, index = _numpy(meta['box']), _numpy(meta['index']).astype(np.int64)
+        people = []
+        for i, box, p, s in zip(index, boxes, xy, scores):
+            k = heatmap_to_original(p, box, self.output_size).astype(np.float32)[None]
+            people.append(dict(index=int(i), keypoints=k, scores=s[None], score=s[None].mean(-1)))
+        return people
+
     def decode_heatmaps(self, heatmaps):
         """heatmaps (B, K, H, W) array or tensor -> coords (B, K, 2) crop pixels, scores (B, K)."""
+        xy, scores = self.peaks(heatmaps)
+        return (xy * self.stride).astype(np.float32), scores
+
+    def peaks(self, heatmaps):
+        """heatmaps (B, K, H, W) -> refined maxima (B, K, 2) in heatmap pixels (0 where a map has no
+        positive value, HRNet's convention), scores (B, K) = the maxima's values."""
         hm = _numpy(heatmaps).astype(np.float32, copy=False)
         n, k, h, w = hm.shape
         flat = hm.reshape(n, k, -1)
@@ -239,9 +273,9 @@ class HeatmapCodec(Codec):
             xy = dark_refine(hm, np.stack([xs, ys], -1), dark_kernel(self.sigma))
         else:
             xy = quarter_refine(hm, xs, ys)
-        coords = xy * self.stride
-        coords[scores <= 0] = 0  # no peak: HRNet's convention of a zero prediction
-        return coords.astype(np.float32), scores.astype(np.float32)
+        xy = xy.astype(np.float32)
+        xy[scores <= 0] = 0  # no peak: HRNet's convention of a zero prediction
+        return xy, scores.astype(np.float32)
 
 
 def quarter_refine(hm, xs, ys):
@@ -354,6 +388,10 @@ def _pair(v):
 
 
 def _numpy(x):
+    """A tensor or array as a numpy array: half precisions as float32, other dtypes kept."""
     if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+        x = x.detach()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        return x.cpu().numpy()
     return np.asarray(x)

@@ -199,7 +199,7 @@ class MPIIReader(Reader):
             j = np.where(lab[:, None] > 0, joints_1[i] - 1.0, 0.0)   # 1-based -> 0-based
             s = float(scales[i])
             self.add(f'MPII: {path}: entry {i}', image=os.path.join(image_dir, names[i]),
-                     center=(centers[i] - 1.0).astype(np.float32), scale=np.array([s, s], np.float32),
+                     center=centers[i] - 1.0, scale=np.array([s, s]),       # float64, as HRNet's
                      keypoints=j, visible=lab, occluded=np.asarray(occluded[i], np.float32)[None],
                      head_size=float(head[i]), annot_index=i)
 

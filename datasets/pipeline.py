@@ -26,19 +26,57 @@ def affine_matrix(center, box_width, input_size, rotation=0.0, flip=False, shift
     input width; input_size: (W, H); rotation: degrees, counter-clockwise in the image;
     flip: mirror the crop about its vertical centre line; shift: (2,) source pixels added to
     the centre (translation augmentation).
+
+    The matrix maps the centre onto (W / 2, H / 2) and the box width onto W. It is solved from
+    three point pairs in float32 by ``cv2.getAffineTransform``, exactly as the HRNet /
+    SimpleBaselines ``get_affine_transform`` does (the centre, the point half a box width above
+    it turned by the rotation, and a third point at a right angle), so the same box gives the
+    reference code's crop pixel for pixel.
     """
     w, h = input_size
-    zoom = w / float(box_width)
-    a = np.deg2rad(rotation)
-    cos, sin = np.cos(a) * zoom, np.sin(a) * zoom
-    cx, cy = float(center[0]) + shift[0], float(center[1]) + shift[1]
-    # x' = R*zoom*(x - c) + (w/2, h/2); image y points down, so a positive angle turns
-    # the content counter-clockwise on screen.
-    m = np.array([[cos, sin, 0.0], [-sin, cos, 0.0]], np.float64)
-    m[:, 2] = np.array([w / 2.0, h / 2.0]) - m[:, :2] @ np.array([cx, cy])
+    a = np.pi * rotation / 180.0
+    up = np.array([0.5 * box_width * np.sin(a), -0.5 * box_width * np.cos(a)])    # turned 'up' vector
+    src = np.zeros((3, 2), np.float32)
+    dst = np.zeros((3, 2), np.float32)
+    src[0] = np.asarray(center) + np.asarray(shift)
+    src[1] = np.asarray(center) + up + np.asarray(shift)
+    dst[0] = [w * 0.5, h * 0.5]
+    dst[1] = np.array([w * 0.5, h * 0.5]) + np.array([0, w * -0.5], np.float32)
+    src[2], dst[2] = _right_angle(src[0], src[1]), _right_angle(dst[0], dst[1])
+    m = cv2.getAffineTransform(src, dst)
     if flip:
         m = np.array([[-1.0, 0.0, w], [0.0, 1.0, 0.0]]) @ np.vstack([m, [0, 0, 1]])
     return m
+
+
+def heatmap_to_original(points, box, output_size):
+    """Heatmap coordinates (..., 2) -> original-image pixels, as HRNet's ``transform_preds``: the
+    inverse of the box's affine at the heatmap's size (W, H), solved from the same three points
+    in float32 (``affine_matrix``'s construction with source and destination swapped).
+    box: (5,) centre x, y, box width, rotation, flip (0 or 1) as the pipeline records it."""
+    cx, cy, width, rotation, flip = (float(v) for v in box)
+    w, h = output_size
+    a = np.pi * rotation / 180.0
+    up = np.array([0.5 * width * np.sin(a), -0.5 * width * np.cos(a)])
+    src = np.zeros((3, 2), np.float32)
+    dst = np.zeros((3, 2), np.float32)
+    src[0] = [cx, cy]
+    src[1] = np.array([cx, cy]) + up
+    dst[0] = [w * 0.5, h * 0.5]
+    dst[1] = np.array([w * 0.5, h * 0.5]) + np.array([0, w * -0.5], np.float32)
+    src[2], dst[2] = _right_angle(src[0], src[1]), _right_angle(dst[0], dst[1])
+    inverse = cv2.getAffineTransform(dst, src)
+    p = np.asarray(points, np.float64)
+    if flip:
+        p = p.copy()
+        p[..., 0] = w - p[..., 0]
+    return transform_points(p, inverse)
+
+
+def _right_angle(a, b):
+    """The point c with c - b = (a - b) turned by 90 degrees (the third point of the affine)."""
+    d = a - b
+    return b + np.array([-d[1], d[0]], np.float32)
 
 
 def udp_affine_matrix(center, box_size, input_size, rotation=0.0, flip=False, shift=(0.0, 0.0)):
@@ -113,27 +151,37 @@ def to_original(coords, affines):
 
 def crop_box(scale, input_size):
     """The box the crop covers, in source pixels: ``scale * 200`` (width, height) with the shorter
-    side extended to the aspect ratio of ``input_size`` (W, H). -> (width, height) floats."""
-    s = np.asarray(scale, np.float64).reshape(-1)
-    w = float(s[0]) * 200.0
-    h = float(s[-1]) * 200.0
+    side extended to the aspect ratio of ``input_size`` (W, H). -> (width, height) floats.
+
+    A box already at that aspect ratio (within float32 rounding: COCO's reader makes its boxes
+    as HRNet's ``_box2cs`` does, at the run's aspect) is used as it is, in its own precision, so
+    its width is the reference code's ``scale[0] * 200`` exactly."""
+    s = np.asarray(scale).reshape(-1)
+    w, h = s[0] * 200, s[-1] * 200              # in the scale's own dtype, as the reference code
     aspect = input_size[0] / float(input_size[1])
+    if abs(float(w) - aspect * float(h)) <= 1e-6 * float(w):
+        return float(w), float(h)
+    w, h = float(w), float(h)
     if w > aspect * h:
         h = w / aspect
-    elif w < aspect * h:
+    else:
         w = h * aspect
     return w, h
 
 
 def normalize(image):
-    """uint8 or float RGB (H, W, 3) -> float32 tensor (3, H, W) with ImageNet mean/std."""
+    """uint8 or float RGB (H, W, 3) -> float32 tensor (3, H, W) with ImageNet mean/std.
+
+    Bit for bit what torchvision's ToTensor then Normalize give (x / 255, then (x - mean) / std,
+    all in float32), so a crop makes exactly the reference code's input tensor."""
     image = np.asarray(image)
     x = np.empty(image.shape[-1:] + image.shape[:-1], np.float32)
     for c in range(x.shape[0]):     # one channel plane at a time, in place: 3x faster than
         plane = x[c]                 # broadcasting over (H, W, 3) and transposing afterwards
         plane[...] = image[..., c]
-        plane -= MEAN[c] * 255.0
-        plane /= STD[c] * 255.0
+        plane /= np.float32(255.0)
+        plane -= MEAN[c]
+        plane /= STD[c]
     return torch.from_numpy(x)
 
 
@@ -212,7 +260,10 @@ class Pipeline:
         visible = np.asarray(record['visible'], np.float32).copy()
         if p['flip']:
             keypoints, visible = keypoints[:, self.flip_perm], visible[:, self.flip_perm]
-        return dict(image=normalize(crop), keypoints=keypoints, visible=visible, affine=m.astype(np.float32))
+        # the box as the reference decoders rebuild their inverse transform from it: centre x, y,
+        # width, rotation and whether the crop is mirrored
+        box = np.array([center[0] + shift[0], center[1] + shift[1], box_w, p['rotation'], float(p['flip'])])
+        return dict(image=normalize(crop), keypoints=keypoints, visible=visible, affine=m.astype(np.float32), box=box)
 
     def _half_body(self, record, rng, center, scale):
         """The half-body box of the record's first person, drawn as HRNet does (a uniform draw

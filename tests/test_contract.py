@@ -90,6 +90,7 @@ TINY_MODELS = {
     'DeepPose': ['--baseName', 'resnet18', '--nStages', '2'],
     'HRNet': ['--hrnetWidth', '4'],
     'ClassificationHRNet': ['--hrnetWidth', '4', '--nClasses', '10'],
+    'HigherHRNet': ['--hrnetWidth', '4'],
 }
 
 
@@ -114,8 +115,9 @@ def test_every_model_builds_and_runs_at_256x192(name, threads):
     model = build_model(o).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 256, 192))
-    expected = {'coords': (1, 17, 2), 'classification': (1, 10)}.get(model.target, (1, 17, 64, 48))
-    assert all(tuple(x.shape) == expected for x in out)
+    expected = {'coords': [(1, 17, 2)], 'classification': [(1, 10)],
+                'associative_embedding': [(1, 34, 64, 48), (1, 17, 128, 96)]}.get(model.target, [(1, 17, 64, 48)])
+    assert [tuple(x.shape) for x in out] == expected * (len(out) if len(expected) == 1 else 1)
     # -summary takes the same size
     main_module.summary(o)
 
@@ -409,11 +411,16 @@ def test_a_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- the quick start
 
-def test_quick_start_config_trains_exactly_as_before_the_contract(threads):
+def test_quick_start_config_first_steps_give_the_recorded_losses(threads):
     """The first steps of the README's quick-start config (48 people, 2 epochs of 3 steps, 16
-    validation people): the losses, accuracies and score the code before the sample contract
-    gave on this project's 2-core machine with its 2 threads (bfloat16 autocast: another CPU or
-    thread count may round differently)."""
+    validation people) on this project's 2-core machine with its 2 threads (bfloat16 autocast:
+    another CPU or thread count may round differently).
+
+    The sample contract left them exactly as before it (0.22704839706420898,
+    0.06960536539554596); matching the reference code's test path bit for bit then changed the
+    input normalisation to ToTensor-then-Normalize order and the crop's affine to HRNet's
+    three-point float32 construction, which moves the last bits of every input: these are the
+    values since."""
     import tempfile
     threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -423,6 +430,6 @@ def test_quick_start_config_trains_exactly_as_before_the_contract(threads):
             '--nTrainSamples', '48', '--nValSamples', '16', '--nEpochs', '2', '--LRSteps', '1', '--valInterval', '2',
             '--visCount', '0', '--progress', 'false', '--expDir', tmp, '--expID', 'q'])
         history = json.load(open(os.path.join(tmp, 'q', 'metrics.json')))
-    assert [h['train_loss'] for h in history] == pytest.approx([0.22704839706420898, 0.06960536539554596], rel=1e-6)
-    assert [h['train_acc'] for h in history] == pytest.approx([0.019618055555555555, 0.018907828282828283], rel=1e-6)
-    assert result['headline'] == pytest.approx(0.45248868778280543, rel=1e-6)
+    assert [h['train_loss'] for h in history] == pytest.approx([0.2269653727610906, 0.06484880795081456], rel=1e-6)
+    assert [h['train_acc'] for h in history] == pytest.approx([0.024826388888888887, 0.018315972222222223], rel=1e-6)
+    assert result['headline'] == pytest.approx(0.9049773755656109, rel=1e-6)      # DARK decoding, as the config

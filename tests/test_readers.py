@@ -232,9 +232,9 @@ def test_coco_ground_truth_records(tmp_path):
         x, y, w, h = rec['bbox']
         assert x >= 0 and y >= 0 and x + w <= sizes[a['image_id']][0] - 1 + 1e-3 and w > 0 and h > 0
         assert np.allclose(rec['center'], [x + w / 2, y + h / 2])
-        assert np.allclose(rec['scale'] * 200, [1.25 * w, 1.25 * h], rtol=1e-5)   # padded 1.25, not extended
-        side = 1.25 * max(w, h)                                                   # square input: a square crop
-        assert crop_box(rec['scale'], (256, 256)) == pytest.approx((side, side), rel=1e-5)
+        side = 1.25 * max(w, h)                  # HRNet's _box2cs at the square input's aspect, padded 1.25
+        assert np.allclose(rec['scale'] * 200, [side, side], rtol=1e-5)
+        assert crop_box(rec['scale'], (256, 256)) == pytest.approx((side, side), rel=1e-5)   # used as it is
         assert rec['area'] == pytest.approx(side * side, rel=1e-5)
         assert rec['score'] == 1.0
     # images directly under dataDir/val2017 too

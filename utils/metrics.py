@@ -27,8 +27,8 @@ from utils.errors import DatasetError
 
 __all__ = [
     'heatmap_accuracy', 'pck', 'pckh_table', 'mpii_official', 'lsp_pck_table', 'lip_pckh_table',
-    'lip_head_size', 'lsp_torso_size', 'oks_nms', 'coco_oks_ap', 'COCO_STATS', 'format_table',
-    'format_per_joint',
+    'lip_head_size', 'lsp_torso_size', 'oks_nms', 'coco_oks_ap', 'coco_keypoint_ap', 'COCO_STATS', 'format_table',
+    'format_per_joint', 'topk_accuracy',
 ]
 
 
@@ -324,7 +324,6 @@ def coco_oks_ap(results, gt_json_path, joint_set=COCO, in_vis_thre=0.2, oks_thre
     Returns {'AP', 'AP .5', 'AP .75', 'AP (M)', 'AP (L)', 'AR', 'AR .5', 'AR .75', 'AR (M)',
     'AR (L)'} as fractions 0..1. pycocotools' prints are silenced unless verbose.
     """
-    from pycocotools.cocoeval import COCOeval
     gt = _load_coco_gt(gt_json_path)
     k = joint_set.num_joints
     sigmas = np.asarray(joint_set.sigmas if joint_set.sigmas is not None else COCO.sigmas)
@@ -348,16 +347,39 @@ def coco_oks_ap(results, gt_json_path, joint_set=COCO, in_vis_thre=0.2, oks_thre
     dets = []
     for insts in per_image.values():
         for i in oks_nms(insts, sigmas, oks_thre):
-            d = insts[i]
-            dets.append(dict(image_id=d['image_id'], category_id=d['category_id'],
-                             keypoints=[float(v) for v in d['keypoints'].reshape(-1)],
-                             score=float(d['score'])))
+            dets.append(insts[i])
+    return _cocoeval(dets, gt, gt_json_path, sigmas, verbose)
+
+
+def coco_keypoint_ap(results, gt_json_path, joint_set=COCO, verbose=False):
+    """COCO keypoint AP of whole-image (bottom-up) results as they are: no rescoring, no NMS (as
+    HigherHRNet evaluates). results: list of {'image_id', 'keypoints' (K x 3 or flat 3K), 'score',
+    optional 'category_id'}. Returns the ``coco_oks_ap`` columns."""
+    gt = _load_coco_gt(gt_json_path)
+    sigmas = np.asarray(joint_set.sigmas if joint_set.sigmas is not None else COCO.sigmas)
+    dets = []
+    for n, r in enumerate(results):
+        try:
+            dets.append(dict(image_id=r['image_id'], category_id=int(r.get('category_id', 1)),
+                             keypoints=_keypoints_array(r['keypoints'], joint_set.num_joints), score=float(r['score'])))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DatasetError(f'result {n}: malformed ({type(exc).__name__}: {exc})') from None
+    return _cocoeval(dets, gt, gt_json_path, sigmas, verbose)
+
+
+def _cocoeval(dets, gt, gt_json_path, sigmas, verbose):
+    """pycocotools' COCOeval(iouType='keypoints') of detections {image_id, category_id, keypoints
+    (K, 3), score} against the loaded ground truth -> the COCO_STATS columns (fractions 0..1)."""
+    from pycocotools.cocoeval import COCOeval
     if not dets:
         raise DatasetError('no keypoint results to evaluate')
-    unknown = set(per_image) - set(gt.getImgIds())
+    unknown = {d['image_id'] for d in dets} - set(gt.getImgIds())
     if unknown:
         raise DatasetError(f'{gt_json_path}: results name image ids not in the annotations, '
-                         f'e.g. {sorted(unknown, key=str)[0]!r}')
+                           f'e.g. {sorted(unknown, key=str)[0]!r}')
+    dets = [dict(image_id=d['image_id'], category_id=d['category_id'],
+                 keypoints=[float(v) for v in np.asarray(d['keypoints']).reshape(-1)], score=float(d['score']))
+            for d in dets]
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
         dt = gt.loadRes(dets)

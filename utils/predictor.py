@@ -22,12 +22,14 @@ def pick_device(gpuid):
     return torch.device('cpu')
 
 
-def to_device(batch, device):
-    """Tensor fields of a batch on ``device`` (the image channels-last); meta stays on the CPU."""
+def to_device(batch, device, channels_last=True):
+    """Tensor fields of a batch on ``device`` (the image channels-last unless told otherwise);
+    meta stays on the CPU."""
     out = {}
     for key, value in batch.items():
         if key == 'image':
-            out[key] = value.to(device, non_blocking=True, memory_format=torch.channels_last)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            out[key] = value.to(device, non_blocking=True, memory_format=fmt)
         elif isinstance(value, torch.Tensor):
             out[key] = value.to(device, non_blocking=True)
         else:
@@ -39,12 +41,17 @@ class Predictor:
     """model + codec + flip permutation -> people.
 
     device: a torch.device or a string ('cpu', 'cuda', 'cuda:1'); amp: bfloat16 autocast on the
-    CPU, float16 on CUDA; flip_test: average with the mirrored image's output.
+    CPU, float16 on CUDA; flip_test: average with the mirrored image's output; channels_last:
+    the memory layout of the convolutions (faster on CPUs and tensor cores; the reference code's
+    NCHW layout gives the last float bits of the reference's heatmaps).
     """
 
-    def __init__(self, model, codec, flip_perm=None, device='cpu', amp=False, flip_test=False, joint_set=None):
+    def __init__(self, model, codec, flip_perm=None, device='cpu', amp=False, flip_test=False, joint_set=None,
+                 channels_last=True):
         self.device = torch.device(device)
-        self.model = model.to(self.device, memory_format=torch.channels_last)
+        self.channels_last = bool(channels_last)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=fmt)
         self.codec = codec
         self.joint_set = joint_set
         if flip_perm is None and joint_set is not None:
@@ -73,6 +80,7 @@ class Predictor:
         codec = build_codec(opts, model)
         kwargs.setdefault('flip_test', opts.flipTest)
         kwargs.setdefault('amp', opts.amp)
+        kwargs.setdefault('channels_last', opts.channelsLast)
         predictor = cls(model, codec, device=device, joint_set=checkpoint.joint_set_of(ckpt), **kwargs)
         predictor.opts = opts
         return predictor
@@ -84,12 +92,11 @@ class Predictor:
 
     @torch.no_grad()
     def outputs(self, batch):
-        """The model's outputs for a batch on the device (flip test merged in)."""
-        images = batch['image']
-        outputs = self.forward(images)
-        if self.flip_test:
-            outputs = self.codec.flip_merge(outputs, self.forward(images.flip(-1)), self.flip_perm)
-        return outputs
+        """What the codec decodes for a batch on the device (the model's outputs, the flip test
+        merged in; ``Codec.test_outputs``)."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return self.codec.test_outputs(lambda x: self.forward(x.to(self.device, memory_format=fmt)), batch,
+                                       self.flip_perm, self.flip_test)
 
     def run(self, loader, keep=0, progress=None):
         """Predict every batch of ``loader`` (no augmentation).
@@ -104,7 +111,7 @@ class Predictor:
         for batch in (progress(loader) if progress else loader):
             if batch.get('errors'):
                 raise DatasetError(batch['errors'][0])
-            batch = to_device(batch, self.device)
+            batch = to_device(batch, self.device, self.channels_last)
             outputs = self.outputs(batch)
             acc = self.codec.accuracy(outputs, batch)
             if acc is not None:

@@ -64,7 +64,8 @@ def make_loader(opts, dataset, device, train=False, distributed=False):
     elif train and opts.shuffle:
         shuffle = True
         gen = torch.Generator().manual_seed(opts.seed * 100003 + dataset.epoch)
-    return DataLoader(dataset, batch_size=opts.data_loader_size, shuffle=shuffle, sampler=sampler,
+    batch = opts.data_loader_size if train else getattr(dataset.codec, 'eval_batch_size', None) or opts.data_loader_size
+    return DataLoader(dataset, batch_size=batch, shuffle=shuffle, sampler=sampler,
                       generator=gen, num_workers=opts.nThreads, drop_last=False, collate_fn=dataset.collate,
                       pin_memory=device.type == 'cuda' and not opts.dont_pin_memory,
                       persistent_workers=False, worker_init_fn=_worker_init if opts.nThreads else None)
@@ -123,7 +124,7 @@ class Trainer:
         # the predictor holds the bare model: evaluation runs on rank 0 alone, and a DDP forward
         # would wait for the other ranks to broadcast buffers
         self.predictor = Predictor(model, codec, device=self.device, amp=opts.amp, flip_test=opts.flipTest,
-                                   joint_set=self.joint_set)
+                                   joint_set=self.joint_set, channels_last=opts.channelsLast)
         self.model = self.predictor.model
         self.net = self.model
         if self.distributed:
@@ -220,7 +221,7 @@ class Trainer:
             lr = lr_at(opts, self.epoch, it / steps)
             for g in self.optimizer.param_groups:
                 g['lr'] = lr
-            batch = to_device(batch, self.device)
+            batch = to_device(batch, self.device, opts.channelsLast)
             outputs = self.forward(batch['image'])
             terms = self.codec.loss(outputs, batch)
             loss = total_loss(terms)
