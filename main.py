@@ -19,7 +19,7 @@ from utils import checkpoint, metrics
 from utils.errors import ConfigError, DatasetError, PoseError, TrainingError
 from utils.io import RunFolder, write_json, write_text
 from utils.predictor import Predictor, options_namespace, pick_device
-from utils.trainer import Trainer, evaluate, write_vis
+from utils.trainer import Trainer, evaluate, make_loader, write_vis
 
 
 def gflops(model, input_res):
@@ -66,7 +66,7 @@ def check_images(*readers):
                                f'{"s" if len(missing) > 1 else ""} not found, e.g. {missing[0]}')
 
 
-RUN_FILES = ('config.defconf', 'log.txt', 'metrics.json', 'model_last.pth', 'model_best.pth', 'vis.png')
+RUN_FILES = ('config.defconf', 'log.txt', 'metrics.json', 'model_last.pth', 'model_best.pth', 'vis.png', 'curves.png')
 
 
 def written(folder, names):
@@ -81,17 +81,77 @@ def print_table(title, table):
 
 def resolve(argv):
     """-> (opts, checkpoint or None). With --loadModel, the checkpoint's recorded options are the
-    defaults: the config files and the command line still win over them."""
-    opts = options.parse(argv)
-    if not opts.loadModel:
+    defaults: the config files and the command line still win over them. ``--loadModel auto``:
+    the run folder's model_last.pth when there is one, else a fresh start."""
+    opts = canonical(options.parse(argv))
+    path = opts.loadModel
+    if path == 'auto':
+        last = os.path.join(opts.expDir, opts.expID or 'default', 'model_last.pth')
+        path = last if os.path.isfile(last) else None
+        opts.loadModel = path
+    if not path:
         return opts, None
-    ckpt = checkpoint.load(opts.loadModel)
+    ckpt = checkpoint.load(path)
     defaults = checkpoint.config_defaults(ckpt)
     if defaults:
         for key in ('expDir', 'expID'):        # the run folder follows the checkpoint (see run_folder)
             defaults.pop(key, None)
-        opts = options.parse(argv, defaults=defaults)
+        if opts.demo:                          # the training run's detections are not the demo's
+            defaults.pop('detFile', None)
+        opts = canonical(options.parse(argv, defaults=defaults))
+        opts.loadModel = path
     return opts, ckpt
+
+
+def canonical(opts):
+    """Model and dataset names in their registered spelling (matched case-insensitively)."""
+    import datasets
+    import models
+    opts.model = models.canonical_name(opts.model)
+    opts.dataset = datasets.canonical_name(opts.dataset)
+    return opts
+
+
+def schedule_changes(opts, ckpt):
+    """Warning lines for a resume whose schedule differs from the one the checkpoint was trained
+    under (a cosine or warm-up schedule depends on --nEpochs and the LR options)."""
+    saved = checkpoint.config_defaults(ckpt) or {}
+    keys = ['LR', 'LRPolicy', 'warmupEpochs']
+    if opts.LRPolicy == 'cosine' or opts.warmupEpochs > 0 or saved.get('LRPolicy') == 'cosine':
+        keys.append('nEpochs')
+    now = options.as_text(opts)
+    changed = [k for k in keys if k in saved and saved[k] != now.get(k)]
+    if not changed:
+        return []
+    what = ', '.join(f'--{k} {saved[k]} -> {now.get(k)}' for k in changed)
+    return [f'warning: resuming with another schedule ({what}): the learning rate from epoch '
+            f'{int(ckpt.get("epoch", 0)) + 1} on follows the new one, so the run will differ from an '
+            f'uninterrupted run of either']
+
+
+def check_data(opts):
+    """--checkData: decode every image of both splits; list the unreadable ones (exit 1 if any)."""
+    from tqdm import tqdm
+    model = build_model(options_namespace(opts, pretrained=None))
+    codec = build_codec(opts, model)
+    bad, total = [], 0
+    for split in ('train', 'val'):
+        reader = build_reader(opts, split, codec)
+        records = [r for r in reader.records if r.get('image')]
+        paths = sorted({r['image'] for r in records})
+        total += len(paths)
+        by_path = {r['image']: r for r in records}
+        for path in tqdm(paths, desc=f'{opts.dataset} {split}', unit='image', disable=not opts.progress):
+            try:
+                reader.load_image(by_path[path])
+            except DatasetError as exc:
+                bad.append(str(exc))
+    for line in bad:
+        print(line)
+    print(f'{opts.dataset}: {total} images decoded, {len(bad)} unreadable')
+    if bad:
+        raise DatasetError(f'{opts.dataset}: {len(bad)} of {total} images are unreadable (listed above)')
+    return total
 
 
 def run_folder(opts):
@@ -105,39 +165,49 @@ def run_folder(opts):
     return os.path.join(opts.expDir, opts.expID)
 
 
-def build(opts, ckpt):
-    """Model (with the checkpoint's weights when one is loaded), codec and the validation reader."""
+def build(opts, ckpt, split='val'):
+    """Model (with the checkpoint's weights when one is loaded), codec and the reader of ``split``."""
     torch.manual_seed(opts.seed)
     # a checkpoint's weights replace the ImageNet ones: do not read --pretrained then
     model = build_model(options_namespace(opts, pretrained=None) if ckpt is not None else opts)
     codec = build_codec(opts, model)
-    val_reader = build_reader(opts, 'val', codec)
-    check_data_fits(opts, val_reader)
-    return model, codec, val_reader
+    reader = build_reader(opts, split, codec)
+    check_data_fits(opts, reader)
+    return model, codec, reader
 
 
 def run_test(opts, ckpt):
+    """Evaluate the checkpoint on the validation split (scored with the official protocol), or
+    predict the test split (``--testSplit test``: no ground truth, predictions only)."""
     if ckpt is None:
         raise ConfigError('-test needs --loadModel PATH (a checkpoint to evaluate)')
     exp_dir = run_folder(opts)
     os.makedirs(exp_dir, exist_ok=True)
-    model, codec, reader = build(opts, ckpt)
+    split = opts.testSplit
+    model, codec, reader = build(opts, ckpt, split)
     checkpoint.check_compatible(ckpt, model, opts.loadModel)
     checkpoint.load_weights(model, ckpt['state_dict'], opts.loadModel)
     check_images(reader)
-    val_set = build_dataset(opts, 'val', codec, reader)
+    dataset = build_dataset(opts, split, codec, reader)
     predictor = Predictor(model, codec, device=pick_device(opts.gpuid), amp=opts.amp, flip_test=opts.flipTest,
                           joint_set=reader.joint_set, channels_last=opts.channelsLast)
-    result = evaluate(predictor, val_set, opts, keep=opts.visCount)
+    if split == 'test':
+        result = predictor.run(make_loader(opts, dataset, predictor.device))
+        pred_path = reader.save_all(result['predictions'], exp_dir)
+        print(f'{opts.dataset} test split: {len(result["predictions"])} persons predicted; predictions: {pred_path}')
+        return result
+    result = evaluate(predictor, dataset, opts, keep=opts.visCount)
     pred_path = reader.save_all(result['predictions'], exp_dir)
     title = f'{opts.dataset} validation, {opts.loadModel}' + (' (flip test)' if opts.flipTest else '')
     write_json(os.path.join(exp_dir, 'test_metrics.json'),
                dict(checkpoint=opts.loadModel, flipTest=opts.flipTest, headline=result['headline'], table=result['table']))
     write_text(os.path.join(exp_dir, 'test_metrics.txt'), metrics.format_table(result['table'], title=title) + '\n')
+    from vis.plots import write_per_joint
+    write_per_joint(os.path.join(exp_dir, 'per_joint.png'), result['table'], title)
     print_table(title, result['table'])
     write_vis(os.path.join(exp_dir, 'test_vis.png'), result, reader.joint_set)
     print(f'predictions: {pred_path}; results in {exp_dir} '
-          f'({", ".join(written(exp_dir, ("test_metrics.json", "test_metrics.txt", "test_vis.png")))})')
+          f'({", ".join(written(exp_dir, ("test_metrics.json", "test_metrics.txt", "per_joint.png", "test_vis.png")))})')
     return result
 
 
@@ -146,10 +216,16 @@ def run_train(opts, ckpt):
         opts.finetune = True          # a released weight file holds no optimiser or schedule to resume
     exp_dir = run_folder(opts)
     resuming = ckpt is not None and not opts.finetune
+    if resuming:
+        for line in schedule_changes(opts, ckpt):
+            print(line, file=sys.stderr)
     if resuming and int(ckpt.get('epoch', 0)) >= opts.nEpochs:
         raise TrainingError(f'--loadModel {opts.loadModel} has already trained {int(ckpt["epoch"])} epochs and '
                             f'--nEpochs is {opts.nEpochs}: nothing to do (raise --nEpochs to train longer); '
                             f'nothing was changed')
+    if opts.tensorboard:
+        from utils.tensorboard import require
+        require()
     with RunFolder(exp_dir).claim(resume_from=opts.loadModel if resuming else None, overwrite=opts.overwrite):
         model, codec, val_reader = build(opts, ckpt)
         if ckpt is not None:
@@ -174,6 +250,14 @@ def main(argv=None):
     if opts.summary:
         summary(opts)
         return None
+    if opts.checkData:
+        return check_data(opts)
+    if opts.demo:
+        from utils.demo import run_demo
+        return run_demo(opts, ckpt)
+    if opts.export:
+        from utils.export import run_export
+        return run_export(opts, ckpt)
     if opts.test:
         return run_test(opts, ckpt)
     return run_train(opts, ckpt)

@@ -178,9 +178,17 @@ def build_parser():
     g.add_argument('-ModelConfig', is_config_file=True, help='model .defconf file (conf/models/)')
     g.add_argument('-test', action='store_true', help='evaluate the checkpoint given by --loadModel on the validation split and exit')
     g.add_argument('-summary', action='store_true', help='print parameter count, GFLOPs and output shapes of the model, then exit')
+    g.add_argument('-demo', default=None, metavar='PATH', help="run the --loadModel checkpoint on an image, a folder of images, a video file or a camera ('cam:0'): skeletons drawn, keypoints.json written")
+    g.add_argument('-export', default=None, metavar='FILE.onnx', help='write the --loadModel checkpoint\'s network as an ONNX graph (dynamic batch size) and exit')
+    g.add_argument('--testSplit', default='val', choices=['val', 'test'], help="-test on the validation split (scored) or the test split (MPII: annot/test.json, predictions in the submission's pred.mat, no score)")
+    g.add_argument('--out', default=None, metavar='DIR', help='-demo: output folder (default: the run folder)')
+    g.add_argument('--kptThreshold', type=_ranged(float, 0.0), default=0.2, help='-demo: keypoints scoring below this are not drawn')
+    g.add_argument('--heatmaps', type=_bool, nargs='?', const=True, default=False, help='-demo: add a panel of the predicted heatmaps (and tag maps for bottom-up models) beside each drawing')
+    g.add_argument('--personModel', default=None, metavar='CKPT', help='-demo with a top-down model: a bottom-up checkpoint whose people (keypoint extents, padded) give the person boxes')
+    g.add_argument('--tensorboard', type=_bool, nargs='?', const=True, default=False, help='also write the scalars, images/s and vis.png grid to the run folder\'s tb/ (needs the tensorboard package)')
     g.add_argument('--expDir', default='exp', help='root folder of experiments')
     g.add_argument('--expID', default=None, help="experiment name; the run folder is expDir/expID (default: 'default'; with --loadModel, the checkpoint's own folder)")
-    g.add_argument('--loadModel', default=None, help='checkpoint to resume from (model, optimiser, schedule, epoch, best score, random state); its recorded options become the defaults, so -test and resuming need no config files')
+    g.add_argument('--loadModel', default=None, help="checkpoint to resume from (model, optimiser, schedule, epoch and position in it, best score, random state); its recorded options become the defaults, so -test and resuming need no config files; 'auto': the run folder's model_last.pth if there is one, else a fresh start (the same command line can simply be re-submitted)")
     g.add_argument('--overwrite', type=_bool, nargs='?', const=True, default=False, help="train into a run folder that already holds another run's checkpoints, replacing them")
     g.add_argument('--finetune', type=_bool, nargs='?', const=True, default=False, help='with --loadModel: load the model weights alone and start a new schedule')
     g.add_argument('--seed', type=int, default=0, help='random seed of weights, sampling and augmentation')
@@ -255,6 +263,8 @@ def build_parser():
     g.add_argument('--nEpochs', type=_ranged(int, 0), default=100, help='training epochs')
     g.add_argument('--valInterval', type=_ranged(int, 1), default=1, help='evaluate every N epochs')
     g.add_argument('--saveInterval', type=_ranged(int, 1), default=1, help='write the last checkpoint every N epochs')
+    g.add_argument('--saveEvery', type=_ranged(int, 0), default=0, help='also write a resumable model_last.pth every N optimiser steps within an epoch (0: only at epoch ends); SIGTERM and SIGINT write one at the current step')
+    g.add_argument('--checkData', type=_bool, nargs='?', const=True, default=False, help='decode every image of both splits, list the unreadable ones, and exit')
     g.add_argument('--data_loader_size', type=_ranged(int, 1), default=8, help='batch size')
     g.add_argument('--mini_batch_count', type=_ranged(int, 1), default=1, help='gradient accumulation: batches per optimiser step')
     g.add_argument('--nThreads', type=_ranged(int, 0), default=2, help='data loader worker processes')
@@ -297,7 +307,8 @@ def parse(argv=None, defaults=None):
 
 # Options that describe how a run was started rather than what it is: not written to a run's
 # config.defconf or a checkpoint's config.
-RUN_MODE = ('help', 'DataConfig', 'ModelConfig', 'loadModel', 'test', 'summary', 'overwrite')
+RUN_MODE = ('help', 'DataConfig', 'ModelConfig', 'loadModel', 'finetune', 'test', 'summary', 'overwrite', 'demo', 'export',
+            'testSplit', 'out', 'personModel', 'checkData', 'kptThreshold', 'heatmaps')
 
 
 def _text(value):

@@ -41,18 +41,29 @@ def available():
     return sorted(DATASETS)
 
 
-def reader_class(name):
+def canonical_name(name):
+    """The registered spelling of a dataset name, matched case-insensitively ('mpii' -> 'MPII');
+    an unknown name is a ConfigError with the closest registered one."""
     _import_all()
-    if name not in DATASETS:
-        raise ConfigError(f'unknown dataset {name!r}{did_you_mean(name, DATASETS)} '
-                          f'(available: {", ".join(sorted(DATASETS))})')
-    return DATASETS[name]
+    if name in DATASETS:
+        return name
+    by_lower = {n.lower(): n for n in DATASETS}
+    if str(name).lower() in by_lower:
+        return by_lower[str(name).lower()]
+    raise ConfigError(f'unknown dataset {name!r}{did_you_mean(name, DATASETS)} '
+                      f'(available: {", ".join(sorted(DATASETS))})')
+
+
+def reader_class(name):
+    return DATASETS[canonical_name(name)]
 
 
 def build_reader(opts, split, codec=None):
     """The dataset's reader for a split; one record per person, or, for a bottom-up codec
     (``codec.bottom_up``), one per image with all its people (readers that can: ``bottom_up``)."""
     cls = reader_class(opts.dataset)
+    if split not in cls.splits:
+        raise ConfigError(f'dataset {opts.dataset} has no {split} split here (it has {", ".join(cls.splits)})')
     if getattr(codec, 'bottom_up', False):
         if not getattr(cls, 'bottom_up', False):
             raise ConfigError(f'dataset {opts.dataset} has one record per person: it cannot train or test the '

@@ -145,6 +145,9 @@ class AssociativeEmbeddingCodec(Codec):
         self.test_scales = tuple(float(s) for s in test_scales)
         self.strides = tuple(int(s) for s in strides)
         self.output_sizes = [(self.input_size // s, self.input_size // s) for s in self.strides]
+        if not 0 < float(sigma) <= min(self.output_sizes[0]) / 2.0:
+            raise ConfigError(f'--hmGauss {sigma:g}: a Gaussian of this sigma does not fit the '
+                              f'{self.output_sizes[0][0]}x{self.output_sizes[0][0]} heatmap')
         self.num_joints = int(num_joints)
         self.sigma = float(sigma)
         self.max_people = int(max_people)

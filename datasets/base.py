@@ -94,6 +94,32 @@ def single_person(predictions):
     return preds, scores, indices
 
 
+SPLITS = ('train', 'val')
+
+
+def read_image(path):
+    """An image file -> uint8 RGB (H, W, 3), the stored pixels whatever the EXIF orientation says
+    (the annotations are in the stored frame, as the reference loaders read them).
+
+    A missing file, one that does not decode, and a JPEG or PNG cut short (which the decoders
+    would fill in silently, with only a libjpeg warning on stderr) are ``DatasetError`` naming it.
+    """
+    if not os.path.isfile(path):
+        raise DatasetError(f'image not found: {path}')
+    data = np.fromfile(path, np.uint8)
+    if data.size == 0:
+        raise DatasetError(f'corrupt or unreadable image: {path} (empty file)')
+    head, tail = data[:8].tobytes(), data[-64:].tobytes().rstrip(b'\0\r\n ')
+    if head[:2] == b'\xff\xd8' and not tail.endswith(b'\xff\xd9'):
+        raise DatasetError(f'truncated image: {path} (the JPEG ends before its end-of-image marker)')
+    if head == b'\x89PNG\r\n\x1a\n' and b'IEND' not in tail:
+        raise DatasetError(f'truncated image: {path} (the PNG ends before its IEND chunk)')
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if img is None:
+        raise DatasetError(f'corrupt or unreadable image: {path}')
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
 class Reader:
     """Turns a dataset's official files into plain records (see the module docstring); does no
     image work.
@@ -104,6 +130,7 @@ class Reader:
     ``evaluate_predictions`` / ``save_all`` (any number of people per record).
     """
     joint_set = None
+    splits = SPLITS          # the splits this reader can read ('test': without ground truth)
     # added to the 0-based predictions when they are written: 1.0 for datasets whose official
     # files use MATLAB's 1-based pixels (MPII, LSP)
     pred_offset = 0.0
@@ -163,16 +190,8 @@ class Reader:
         return sorted(p for p in paths if not os.path.isfile(p))
 
     def load_image(self, record):
-        """-> uint8 RGB (H, W, 3). A missing or corrupt file is a one-line error naming it."""
-        path = record['image']
-        if not os.path.isfile(path):
-            raise DatasetError(f'image not found: {path}')
-        # as the reference loaders: the stored pixels, whatever the EXIF orientation says (the
-        # annotations are in the stored frame)
-        img = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        if img is None:
-            raise DatasetError(f'corrupt or unreadable image: {path}')
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        """-> uint8 RGB (H, W, 3). A missing, corrupt or truncated file is a one-line error naming it."""
+        return read_image(record['image'])
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_predictions(self, predictions):

@@ -27,6 +27,7 @@ the ground truth is restricted to the images of those records.
 """
 import contextlib
 import json
+import math
 import os
 import tempfile
 
@@ -70,6 +71,73 @@ def clean_box(bbox, width, height):
     return None
 
 
+def _is_id(v):
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
+def _number(obj, key, where, default=None):
+    """obj[key] as a finite float (``default`` when absent); else a DatasetError naming where."""
+    v = obj.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise DatasetError(f'{where}: {key} must be a finite number, got {v!r}'[:200])
+    return float(v)
+
+
+def _integer(obj, key, where, default=None):
+    v = _number(obj, key, where, default)
+    if v != int(v):
+        raise DatasetError(f'{where}: {key} must be an integer, got {v!r}')
+    return int(v)
+
+
+def _numbers(obj, key, n, where):
+    """obj[key] as n finite floats; else a DatasetError naming where."""
+    v = obj.get(key)
+    if not isinstance(v, list) or len(v) != n or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                                                     or not math.isfinite(x) for x in v):
+        raise DatasetError(f'{where}: {key} must be {n} finite numbers, got {v!r}'[:200])
+    return [float(x) for x in v]
+
+
+def _segmentation(v, where):
+    """A COCO segmentation: polygons (a list of lists of numbers) or an RLE {counts, size}."""
+    if isinstance(v, list) and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and
+                                   all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                                       for x in p) for p in v):
+        return v
+    if isinstance(v, dict) and isinstance(v.get('size'), list) and len(v['size']) == 2 and \
+            isinstance(v.get('counts'), (list, str)):
+        return v
+    raise DatasetError(f'{where}: segmentation must be polygons or an RLE {{counts, size}}'[:200])
+
+
+def _annotation(a, where, k):
+    """One person annotation, checked: dict(id, image_id, category_id, iscrowd, keypoints (k, 3),
+    num_keypoints, bbox (4 floats or None), area, segmentation or None). Anything malformed is a
+    DatasetError naming ``where``."""
+    if not isinstance(a, dict) or not _is_id(a.get('image_id')):
+        raise DatasetError(f'{where}: needs an object with an integer or text image_id')
+    category = _integer(a, 'category_id', where, 1)
+    crowd = _integer(a, 'iscrowd', where, 0)
+    kp = a.get('keypoints', [0] * (3 * k))
+    if not isinstance(kp, list) or len(kp) != 3 * k or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                                                            for x in kp):
+        raise DatasetError(f'{where}: keypoints must be {k} x 3 numbers'[:200])
+    kp = np.asarray(kp, np.float64).reshape(k, 3)
+    if not np.all(np.isfinite(kp[:, 2])) or np.any(kp[:, 2] < 0):
+        raise DatasetError(f'{where}: keypoint flags must be 0, 1 or 2')
+    labelled = kp[:, 2] > 0
+    if not np.all(np.isfinite(kp[labelled, :2])):
+        raise DatasetError(f'{where}: labelled keypoint {COCO.names[int(np.flatnonzero(labelled & ~np.all(np.isfinite(kp[:, :2]), 1))[0])]} '
+                           f'is not a finite number')
+    num = _integer(a, 'num_keypoints', where, int(labelled.sum()))
+    bbox = _numbers(a, 'bbox', 4, where) if 'bbox' in a else None
+    area = _number(a, 'area', where, 1.0)
+    seg = _segmentation(a['segmentation'], where) if a.get('segmentation') is not None else None
+    return dict(id=a.get('id'), image_id=a['image_id'], category_id=category, iscrowd=bool(crowd), keypoints=kp,
+                num_keypoints=num, bbox=bbox, area=area, segmentation=seg)
+
+
 def _load_json(path, what):
     try:
         return load_json(path, what)
@@ -106,11 +174,16 @@ class COCOReader(Reader):
                                f"'images' and 'annotations' lists)")
         images = {}
         for n, im in enumerate(data['images']):
-            try:
-                images[im['id']] = dict(file=im.get('file_name', '%012d.jpg' % int(im['id'])),
-                                        width=float(im['width']), height=float(im['height']))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise DatasetError(f'COCO: {ann}: images[{n}] needs id, width and height ({exc!r})') from None
+            where = f'COCO: {ann}: images[{n}]'
+            if not isinstance(im, dict) or not _is_id(im.get('id')):
+                raise DatasetError(f'{where}: needs an object with an integer or text id')
+            width, height = _number(im, 'width', where), _number(im, 'height', where)
+            if width <= 0 or height <= 0:
+                raise DatasetError(f'{where}: width and height must be positive')
+            name = im.get('file_name', '%012d.jpg' % int(im['id']) if isinstance(im['id'], int) else str(im['id']))
+            if not isinstance(name, str) or not name:
+                raise DatasetError(f'{where}: file_name must be a file name')
+            images[im['id']] = dict(file=name, width=width, height=height)
         limit = sample_limit(opts, split)
         det_file = getattr(opts, 'detFile', None) if split == 'val' else None
         self.use_detections = bool(det_file)
@@ -127,29 +200,18 @@ class COCOReader(Reader):
         and the crowd regions become the loss mask, as HigherHRNet's ``get_mask``); for training,
         images without any such person are left out."""
         k = COCO.num_joints
-        by_image = {}
-        for n, a in enumerate(annotations):
-            if not isinstance(a, dict) or 'image_id' not in a:
-                raise DatasetError(f'COCO: {ann}: annotations[{n}] has no image_id')
-            if a.get('category_id', 1) == 1:
-                by_image.setdefault(a['image_id'], []).append((n, a))
+        by_image = self._by_image(annotations, ann)
         for image_id, im in images.items():
             if limit and len(self.records) >= limit:
                 self.truncated = True
                 return
             people, ignore = [], []
             for n, a in by_image.get(image_id, []):
-                try:
-                    kp = np.asarray(a.get('keypoints', np.zeros(3 * k)), np.float64).reshape(k, 3)
-                except (TypeError, ValueError) as exc:
-                    raise DatasetError(f'COCO: {ann}: annotations[{n}]: keypoints must be {k} x 3 numbers ({exc})') from None
-                if not np.all(np.isfinite(kp[:, 2])):
-                    raise DatasetError(f'COCO: {ann}: annotations[{n}]: keypoint flags must be finite numbers')
-                if a.get('iscrowd', 0) or int(a.get('num_keypoints', (kp[:, 2] > 0).sum())) == 0:
-                    if 'segmentation' in a:
+                if a['iscrowd'] or a['num_keypoints'] == 0:
+                    if a['segmentation'] is not None:
                         ignore.append(a['segmentation'])
                     continue
-                people.append(kp)
+                people.append(a['keypoints'])
             if self.split == 'train' and not people:
                 continue
             kp = np.stack(people) if people else np.zeros((0, k, 3))
@@ -167,8 +229,11 @@ class COCOReader(Reader):
         from pycocotools import mask as mask_utils
         covered = np.zeros((height, width), np.float32)
         for seg in record['ignore']:
-            rles = mask_utils.frPyObjects(seg, height, width)
-            decoded = mask_utils.decode(rles)
+            try:
+                decoded = mask_utils.decode(mask_utils.frPyObjects(seg, height, width))
+            except Exception as exc:  # noqa: BLE001 -- pycocotools' own errors on a malformed segmentation
+                raise DatasetError(f'COCO: {self.annotation_path}: image {record["image_id"]}: a segmentation '
+                                   f'pycocotools cannot decode ({type(exc).__name__}: {exc})') from None
             covered += decoded.reshape(height, width, -1).sum(-1)
         return (covered < 0.5).astype(np.uint8)
 
@@ -203,40 +268,33 @@ class COCOReader(Reader):
         write_json(path, self.people_results(predictions), indent=None)
         return path
 
-    def _read_ground_truth(self, annotations, images, image_dir, ann, limit):
-        k = COCO.num_joints
+    def _by_image(self, annotations, ann):
+        """{image_id: [(n, parsed annotation)]} of the person annotations (``_annotation``)."""
         by_image = {}
         for n, a in enumerate(annotations):
-            try:
-                by_image.setdefault(a['image_id'], []).append((n, a))
-            except (KeyError, TypeError):
-                raise DatasetError(f'COCO: {ann}: annotations[{n}] has no image_id') from None
+            parsed = _annotation(a, f'COCO: {ann}: annotations[{n}]', COCO.num_joints)
+            if parsed['category_id'] == 1:
+                by_image.setdefault(parsed['image_id'], []).append((n, parsed))
+        return by_image
+
+    def _read_ground_truth(self, annotations, images, image_dir, ann, limit):
+        by_image = self._by_image(annotations, ann)
         for image_id, im in images.items():
             for n, a in by_image.get(image_id, []):
                 if limit and len(self.records) >= limit:
                     self.truncated = True
                     return
-                if a.get('category_id', 1) != 1 or a.get('iscrowd', 0):
+                kp = a['keypoints']
+                if a['iscrowd'] or a['num_keypoints'] <= 0 or kp[:, 2].max() <= 0 or a['bbox'] is None:
                     continue
-                try:
-                    kp = np.asarray(a['keypoints'], np.float64).reshape(k, 3)
-                    num = int(a.get('num_keypoints', int((kp[:, 2] > 0).sum())))
-                    box = clean_box(a['bbox'], im['width'], im['height'])
-                    area = float(a.get('area', 1.0))
-                    finite = np.all(np.isfinite(np.asarray(a['bbox'], np.float64))) and np.all(np.isfinite(kp[:, 2]))
-                except (KeyError, TypeError, ValueError) as exc:
-                    raise DatasetError(f'COCO: {ann}: annotations[{n}]: needs bbox (4 numbers) and '
-                                       f'keypoints ({k} x 3 numbers) ({type(exc).__name__}: {exc})') from None
-                if not finite:
-                    raise DatasetError(f'COCO: {ann}: annotations[{n}]: bbox and keypoint flags must be '
-                                       f'finite numbers')
-                if num <= 0 or kp[:, 2].max() <= 0 or box is None or area <= 0:
+                box = clean_box(a['bbox'], im['width'], im['height'])
+                if box is None or a['area'] <= 0:
                     continue
                 center, scale = box_to_center_scale(*box, self.aspect_ratio)
                 vis = (kp[:, 2] > 0).astype(np.float32)
                 self.add(f'COCO: {ann}: annotations[{n}]', image=os.path.join(image_dir, im['file']),
                          center=center, scale=scale, keypoints=kp[:, :2], visible=vis,
-                         image_id=image_id, ann_id=a.get('id'), bbox=np.array(box, np.float32), score=1.0,
+                         image_id=image_id, ann_id=a['id'], bbox=np.array(box, np.float32), score=1.0,
                          area=float(np.prod(crop_box(scale, self.input_size))))
 
     def _read_detections(self, det_file, images, image_dir, limit):
@@ -256,21 +314,20 @@ class COCOReader(Reader):
             if limit and len(self.records) >= limit:
                 self.truncated = True
                 break
-            try:
-                if d.get('category_id', 1) != 1:
-                    continue
-                score = float(d['score'])
-                x, y, w, h = (float(v) for v in d['bbox'])
-                image_id = d['image_id']
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise DatasetError(f'COCO: {path}: detection {n}: needs image_id, bbox (4 numbers) '
-                                   f'and score ({type(exc).__name__}: {exc})') from None
-            if not (np.isfinite(score) and np.all(np.isfinite([x, y, w, h]))):
-                raise DatasetError(f'COCO: {path}: detection {n}: score and bbox must be finite numbers')
+            where = f'COCO: {path}: detection {n}'
+            if not isinstance(d, dict) or not _is_id(d.get('image_id')):
+                raise DatasetError(f'{where}: needs an object with image_id, bbox (4 numbers) and score')
+            if _integer(d, 'category_id', where, 1) != 1:
+                continue
+            score = _number(d, 'score', where)
+            x, y, w, h = _numbers(d, 'bbox', 4, where)
+            image_id = d['image_id']
             if score < threshold or w <= 0 or h <= 0:
                 continue
             center, scale = box_to_center_scale(x, y, w, h, self.aspect_ratio)
-            name = images[image_id]['file'] if image_id in images else '%012d.jpg' % int(image_id)
+            if image_id not in images and not isinstance(image_id, int):
+                raise DatasetError(f'{where}: image_id {image_id!r} is not an image of the annotation file')
+            name = images[image_id]['file'] if image_id in images else '%012d.jpg' % image_id
             self.add(f'COCO: {path}: detection {n}', image=os.path.join(image_dir, name), center=center,
                      scale=scale, keypoints=np.zeros((k, 2), np.float32), visible=np.zeros(k, np.float32),
                      image_id=image_id, bbox=np.array([x, y, w, h], np.float32), score=score,

@@ -164,6 +164,10 @@ class HeatmapCodec(Codec):
             raise ConfigError(f"--decode {decode!r}: expected 'quarter' or 'dark'")
         self.decode_mode = decode
         self.udp = bool(udp)
+        if not 0 < self.sigma <= min(self.output_size) / 2.0:
+            raise ConfigError(f'--hmGauss {sigma:g}: a Gaussian of this sigma does not fit the '
+                              f'{self.output_size[1]}x{self.output_size[0]} heatmap (at most half its shorter side, '
+                              f'{min(self.output_size) / 2.0:g})')
         size, out = np.array(self.input_size, np.float32), np.array(self.output_size, np.float32)
         self.stride = (size - 1) / (out - 1) if self.udp else size / out
         radius = int(np.ceil(3 * self.sigma))

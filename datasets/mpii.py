@@ -34,7 +34,7 @@ from datasets.formats import load_json, read_gt_valid
 from datasets.joints import MPII
 from utils.errors import DatasetError
 
-SPLIT_FILE = {'train': 'train', 'val': 'valid'}
+SPLIT_FILE = {'train': 'train', 'val': 'valid', 'test': 'test'}
 GT_VALID = os.path.join('annot', 'gt_valid.mat')
 
 
@@ -88,12 +88,20 @@ def _read_h5(path):
                                f'(expected the pose-hg-train layout: imgname, center, scale, part, '
                                f'visible, normalize)')
         a = {k: f[k][()] for k in ('imgname', 'center', 'scale', 'part', 'visible', 'normalize') if k in f}
-    n = len(a['imgname'])
+    n = len(a['imgname']) if np.ndim(a['imgname']) else 0
     shapes = dict(center=(n, 2), scale=(n,), part=(n, 16, 2), visible=(n, 16), normalize=(n,))
     for k, shape in shapes.items():
         if k in a and np.shape(a[k]) != shape:
             raise DatasetError(f'MPII: {path}: {k} has shape {np.shape(a[k])}, expected {shape}')
-    a['imgname'] = [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(a['imgname']).reshape(-1)]
+        if k in a:
+            try:
+                a[k] = np.asarray(a[k], np.float64)
+            except (TypeError, ValueError):
+                raise DatasetError(f'MPII: {path}: {k} is not numeric ({np.asarray(a[k]).dtype})') from None
+    names = np.asarray(a['imgname']).reshape(-1)
+    if names.dtype.kind not in 'SUO':
+        raise DatasetError(f'MPII: {path}: imgname must hold image file names, found {names.dtype}')
+    a['imgname'] = [x.decode(errors='replace') if isinstance(x, bytes) else str(x) for x in names]
     return a
 
 
@@ -138,6 +146,7 @@ def _misalignment(joints_1based, labelled, gt):
 @register_dataset('MPII')
 class MPIIReader(Reader):
     joint_set = MPII
+    splits = ('train', 'val', 'test')
     pred_offset = 1.0  # pred.mat in the 1-based frame of the official files
 
     def __init__(self, opts, split):
@@ -147,6 +156,8 @@ class MPIIReader(Reader):
         name = SPLIT_FILE[split]
         candidates = [os.path.join(root, 'annot', f'{name}.json'), os.path.join(root, 'annot', f'{name}.h5'),
                       os.path.join(root, f'{name}.h5')]
+        if split == 'test':             # the MPII test persons: the HRNet json layout, without joints
+            candidates = candidates[:1]
         path = next((p for p in candidates if os.path.isfile(p)), None)
         if path is None:
             raise DatasetError(f'MPII: expected annot/{name}.json, annot/{name}.h5 or {name}.h5 under '

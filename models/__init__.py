@@ -52,11 +52,20 @@ def available():
     return sorted(MODELS)
 
 
-def model_class(name):
+def canonical_name(name):
+    """The registered spelling of a model name, matched case-insensitively ('hrnet' -> 'HRNet');
+    an unknown name is a ConfigError with the closest registered one."""
     _import_all()
-    if name not in MODELS:
-        raise ConfigError(f'unknown model {name!r}{did_you_mean(name, MODELS)} (available: {", ".join(sorted(MODELS))})')
-    return MODELS[name]
+    if name in MODELS:
+        return name
+    by_lower = {n.lower(): n for n in MODELS}
+    if str(name).lower() in by_lower:
+        return by_lower[str(name).lower()]
+    raise ConfigError(f'unknown model {name!r}{did_you_mean(name, MODELS)} (available: {", ".join(sorted(MODELS))})')
+
+
+def model_class(name):
+    return MODELS[canonical_name(name)]
 
 
 class _Recorder:
@@ -89,8 +98,47 @@ def build_model(opts) -> nn.Module:
     model = cls.from_opts(recorder)
     keys = ['model', 'nJoints'] + [k for k in recorder.read if k not in NOT_ARCH and k not in ('model', 'nJoints')]
     model.arch = {k: getattr(opts, k) for k in keys}
+    model.arch['model'] = canonical_name(opts.model)
     check_output_size(model, opts)
+    check_input_size(cls, opts)
     return model
+
+
+def check_input_size(cls, opts):
+    """The model runs at --inputRes: a forward pass of the same model built on the meta device (no
+    memory, no arithmetic), so an input too small for its downsamplings is refused before any
+    work starts instead of crashing in the first batch."""
+    import torch
+    h, w = opts.inputRes
+    try:
+        with torch.device('meta'):
+            probe = cls.from_opts(_Probe(opts)).eval()
+            with torch.no_grad():
+                out = probe(torch.empty(2, 3, h, w))
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f'--inputRes {opts.inputRes} is too small for {opts.model} with these options '
+                          f'({first[:160]})') from None
+    if cls.target in ('heatmap', 'associative_embedding'):
+        expect = (h // int(getattr(cls, 'strides', (cls.stride,))[0]), w // int(getattr(cls, 'strides', (cls.stride,))[0]))
+        if cls.target == 'heatmap':
+            expect = tuple(opts.outputRes)
+        got = tuple(out[0].shape[-2:]) if cls.target == 'associative_embedding' else tuple(out[-1].shape[-2:])
+        if got != expect:
+            raise ConfigError(f'--inputRes {opts.inputRes}: {opts.model} makes {got[0]}x{got[1]} heatmaps at this input, '
+                              f'not {expect[0]}x{expect[1]} (its input must be divisible by its downsampling)')
+
+
+class _Probe:
+    """The options with --pretrained off (a meta-device model loads no weights)."""
+
+    def __init__(self, opts):
+        self._opts = opts
+
+    def __getattr__(self, name):
+        return None if name == 'pretrained' else getattr(self._opts, name)
 
 
 def check_output_size(model, opts):

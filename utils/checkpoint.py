@@ -15,6 +15,7 @@ config file, and neither does ``utils.predictor.Predictor.from_checkpoint``). Fo
 spine: ``arch`` with a fixed list of keys, no config or meta) still loads; the configuration must
 then come from the config files, as it always did.
 """
+import io
 import os
 
 import torch
@@ -29,8 +30,12 @@ _OPTIMIZER_STATE = {'square_avg': 'RMSprop', 'exp_avg': 'Adam', 'momentum_buffer
 
 
 def save(obj, path):
-    """torch.save through the atomic write: a crash mid-write keeps the previous file."""
-    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+    """torch.save through the atomic write: a crash mid-write keeps the previous file. The
+    checkpoint is serialised in memory first, so a full disk shows as the operating system's
+    'No space left on device' on the write, not as a torch serialisation error."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write(path, lambda f: f.write(buffer.getbuffer()), binary=True)
 
 
 def load(path):

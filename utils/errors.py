@@ -36,6 +36,11 @@ class TrainingError(PoseError):
     """A run cannot start or cannot go on (NaN loss, a run folder in use, nothing to do)."""
 
 
+class StorageError(PoseError):
+    """A file could not be written (no space left on the device, no permission, ...); the
+    previous version of the file is intact."""
+
+
 def did_you_mean(name, choices):
     """'' or "; did you mean 'X'?" for the closest of ``choices`` (case-insensitive)."""
     choices = list(choices)

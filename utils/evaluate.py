@@ -32,7 +32,12 @@ _fail = formats.fail
 
 def eval_mpii(args):
     preds = formats.load_pred_mat(args.pred)
-    table = metrics.mpii_official(preds, args.gt)
+    try:
+        table = metrics.mpii_official(preds, args.gt)
+    except DatasetError as exc:
+        if str(exc).startswith('predictions have shape'):         # name the predictions file
+            raise DatasetError(f'{args.pred}: {exc}') from None
+        raise
     return f'MPII PCKh@0.5 ({len(preds)} persons, {os.path.basename(args.gt)})', table
 
 

@@ -6,23 +6,34 @@ import os
 
 import numpy as np
 
-from utils.errors import TrainingError
+from utils.errors import StorageError, TrainingError
 
 
 def atomic_write(path, write, binary=False):
-    """Write ``path`` through ``write(file_object)`` into a temporary file beside it, then rename:
-    a crash or a failed write leaves the previous file intact and removes the temporary one."""
+    """Write ``path`` through ``write(file_object)`` into a temporary file beside it, flushed to
+    the disk, then rename: a crash or a failed write leaves the previous file intact and removes
+    the temporary one. Every file a run writes goes through here.
+
+    An operating-system error (no space left on the device, no permission, a file where a folder
+    should be) is a ``StorageError`` naming the file and the cause, in one line.
+    """
     folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
     tmp = f'{path}.tmp{os.getpid()}'
     try:
+        if folder:
+            os.makedirs(folder, exist_ok=True)
         with open(tmp, 'wb' if binary else 'w') as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        try:
             os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise StorageError(f'cannot write {path}: {exc.strerror or exc}') from None
         raise
     return path
 

@@ -329,21 +329,14 @@ def coco_oks_ap(results, gt_json_path, joint_set=COCO, in_vis_thre=0.2, oks_thre
     sigmas = np.asarray(joint_set.sigmas if joint_set.sigmas is not None else COCO.sigmas)
     per_image = {}
     for n, r in enumerate(results):
-        try:
-            kpts = _keypoints_array(r['keypoints'], k)
-            box_score = float(r.get('box_score', r.get('score', 1.0)))
-            image_id = r['image_id']
-        except (KeyError, ValueError, TypeError) as exc:
-            raise DatasetError(f'result {n}: malformed ({type(exc).__name__}: {exc})')
+        image_id, category, kpts = _result(r, n, k)
+        box_score = _finite(r, 'box_score', n, _finite(r, 'score', n, 1.0))
         good = kpts[:, 2] > in_vis_thre
         score = box_score * float(kpts[good, 2].mean()) if good.any() else box_score
-        if 'area' in r:
-            area = float(r['area'])
-        else:       # no box area given: the extent of the keypoints
-            area = float(np.ptp(kpts[:, 0]) * np.ptp(kpts[:, 1]))
+        # no box area given: the extent of the keypoints
+        area = _finite(r, 'area', n, float(np.ptp(kpts[:, 0]) * np.ptp(kpts[:, 1])))
         per_image.setdefault(image_id, []).append(dict(
-            image_id=image_id, category_id=int(r.get('category_id', 1)), keypoints=kpts,
-            score=score, area=area))
+            image_id=image_id, category_id=category, keypoints=kpts, score=score, area=area))
     dets = []
     for insts in per_image.values():
         for i in oks_nms(insts, sigmas, oks_thre):
@@ -359,12 +352,33 @@ def coco_keypoint_ap(results, gt_json_path, joint_set=COCO, verbose=False):
     sigmas = np.asarray(joint_set.sigmas if joint_set.sigmas is not None else COCO.sigmas)
     dets = []
     for n, r in enumerate(results):
-        try:
-            dets.append(dict(image_id=r['image_id'], category_id=int(r.get('category_id', 1)),
-                             keypoints=_keypoints_array(r['keypoints'], joint_set.num_joints), score=float(r['score'])))
-        except (KeyError, ValueError, TypeError) as exc:
-            raise DatasetError(f'result {n}: malformed ({type(exc).__name__}: {exc})') from None
+        image_id, category, kpts = _result(r, n, joint_set.num_joints)
+        if 'score' not in r:
+            raise DatasetError(f'result {n}: malformed (no score)')
+        dets.append(dict(image_id=image_id, category_id=category, keypoints=kpts, score=_finite(r, 'score', n)))
     return _cocoeval(dets, gt, gt_json_path, sigmas, verbose)
+
+
+def _finite(r, key, n, default=None):
+    """r[key] as a finite float (``default`` when absent); else a one-line DatasetError."""
+    v = r.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not math.isfinite(v):
+        raise DatasetError(f'result {n}: malformed ({key} must be a finite number, got {v!r})'[:200])
+    return float(v)
+
+
+def _result(r, n, k):
+    """One result's image_id, category_id and keypoints (K, 3), checked."""
+    if not isinstance(r, dict) or not isinstance(r.get('image_id'), (int, str)) or isinstance(r.get('image_id'), bool):
+        raise DatasetError(f'result {n}: malformed (needs an object with image_id and keypoints)')
+    try:
+        kpts = _keypoints_array(r['keypoints'], k)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DatasetError(f'result {n}: malformed ({type(exc).__name__}: {exc})'[:200]) from None
+    if not np.all(np.isfinite(kpts)):
+        raise DatasetError(f'result {n}: malformed (keypoints must be finite numbers)')
+    category = _finite(r, 'category_id', n, 1)
+    return r['image_id'], int(category), kpts
 
 
 def _cocoeval(dets, gt, gt_json_path, sigmas, verbose):

@@ -8,6 +8,7 @@ kind of target a codec makes. Prediction itself lives in ``utils.predictor``.
 """
 import math
 import os
+import signal
 import sys
 import time
 
@@ -19,7 +20,7 @@ import opts as options
 from datasets.pipeline import transform_points
 from utils import checkpoint
 from utils.errors import CheckpointError, DatasetError, TrainingError
-from utils.io import write_json
+from utils.io import write_json, write_text
 from utils.predictor import Predictor, pick_device, to_device
 
 
@@ -54,20 +55,64 @@ def build_optimizer(opts, params):
                            nesterov=opts.nesterov, fused=True)
 
 
-def make_loader(opts, dataset, device, train=False, distributed=False):
-    """The DataLoader of a split: shuffled per epoch (seed, epoch) for training, in order for
-    evaluation; batches collated by field name (``PoseDataset.collate``)."""
-    sampler, shuffle, gen = None, False, None
-    if train and distributed:
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=opts.shuffle, seed=opts.seed)
-        sampler.set_epoch(dataset.epoch)
-    elif train and opts.shuffle:
-        shuffle = True
-        gen = torch.Generator().manual_seed(opts.seed * 100003 + dataset.epoch)
+class EpochSampler(torch.utils.data.Sampler):
+    """The sample order of one training epoch, from batch ``start`` on (a resumed epoch goes on
+    where it stopped).
+
+    Shuffled: the permutation torch's RandomSampler draws from a generator seeded with
+    seed * 100003 + epoch (after the DataLoader's one base-seed draw), the same order a plain
+    shuffled DataLoader with that generator gives. Distributed: each rank takes every
+    ``world``-th index of the permutation seeded with seed + epoch, padded by repetition to a
+    multiple of ``world`` (as torch's DistributedSampler).
+    """
+
+    def __init__(self, n, seed, epoch, shuffle=True, start=0, rank=0, world=1):
+        self.n, self.seed, self.epoch, self.shuffle = int(n), int(seed), int(epoch), bool(shuffle)
+        self.start, self.rank, self.world = int(start), int(rank), int(world)
+
+    def order(self):
+        if self.world > 1:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            idx = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+            total = -(-self.n // self.world) * self.world
+            idx += idx[:total - len(idx)]
+            return idx[self.rank:total:self.world]
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        torch.empty((), dtype=torch.int64).random_(generator=g)        # the DataLoader's base seed
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        return iter(self.order()[self.start:])
+
+    def __len__(self):
+        return max(0, len(self.order()) - self.start)
+
+
+def steps_per_epoch(opts, n, world=1):
+    """Batches of a training epoch of n samples (per rank): the last incomplete batch is dropped
+    when it would hold a single sample (BatchNorm cannot train on one), as the reference trainers do."""
+    per_rank = -(-n // world)
+    full, rest = divmod(per_rank, opts.data_loader_size)
+    return full + (1 if rest > 1 else 0)
+
+
+def make_loader(opts, dataset, device, train=False, distributed=False, start=0):
+    """The DataLoader of a split: for training the epoch's order (``EpochSampler``) from batch
+    ``start`` on, for evaluation in order (the codec's ``eval_batch_size`` when it has one);
+    batches collated by field name (``PoseDataset.collate``). No loader draws from the global
+    random generator."""
     batch = opts.data_loader_size if train else getattr(dataset.codec, 'eval_batch_size', None) or opts.data_loader_size
-    return DataLoader(dataset, batch_size=batch, shuffle=shuffle, sampler=sampler,
-                      generator=gen, num_workers=opts.nThreads, drop_last=False, collate_fn=dataset.collate,
-                      pin_memory=device.type == 'cuda' and not opts.dont_pin_memory,
+    sampler, drop_last = None, False
+    if train:
+        world = dist.get_world_size() if distributed else 1
+        rank = dist.get_rank() if distributed else 0
+        sampler = EpochSampler(len(dataset), opts.seed, dataset.epoch, opts.shuffle, start * batch, rank, world)
+        drop_last = (len(sampler) % batch) == 1
+    return DataLoader(dataset, batch_size=batch, shuffle=False, sampler=sampler, drop_last=drop_last,
+                      generator=torch.Generator().manual_seed(opts.seed), num_workers=opts.nThreads,
+                      collate_fn=dataset.collate, pin_memory=device.type == 'cuda' and not opts.dont_pin_memory,
                       persistent_workers=False, worker_init_fn=_worker_init if opts.nThreads else None)
 
 
@@ -89,19 +134,34 @@ def total_loss(terms):
     return total
 
 
+class Interrupted(TrainingError):
+    """SIGTERM or SIGINT: a resumable checkpoint was written at the step the run had reached."""
+
+    def __init__(self, signum, epoch, iteration, path):
+        name = signal.Signals(signum).name
+        super().__init__(f'stopped by {name} in epoch {epoch} after iteration {iteration}; the resumable checkpoint '
+                         f'{path} continues it exactly (--loadModel auto, or --loadModel {path})')
+
+
 class Logger:
-    """Prints to stdout and appends to the run's log.txt (rank 0 only)."""
+    """Prints to stdout (or ``stream``) and keeps the run's log.txt (rank 0 only). The file is
+    rewritten whole through the atomic write after every line, so a failed write (a full disk)
+    leaves the previous log intact and names itself."""
 
     def __init__(self, path, enabled=True):
         self.path = path
         self.enabled = enabled
+        self.lines = []
+        if enabled and os.path.isfile(path):
+            with open(path) as f:
+                self.lines = f.read().splitlines()
 
-    def __call__(self, msg):
+    def __call__(self, msg, stream=None):
         if not self.enabled:
             return
-        print(msg, flush=True)
-        with open(self.path, 'a') as f:
-            f.write(msg + '\n')
+        print(msg, file=stream or sys.stdout, flush=True)
+        self.lines.append(msg)
+        write_text(self.path, '\n'.join(self.lines) + '\n')
 
 
 class Trainer:
@@ -139,7 +199,13 @@ class Trainer:
         self.best = -math.inf
         self.best_epoch = -1
         self.history = []
+        self.position = None    # where in the current epoch a resumed run goes on (see train_epoch)
+        self._signal = None     # SIGTERM / SIGINT received: stop at the next step boundary
         self.log = Logger(os.path.join(exp_dir, 'log.txt'), enabled=self.main)
+        self.tb = None
+        if opts.tensorboard and self.main:
+            from utils.tensorboard import TensorBoardWriter
+            self.tb = TensorBoardWriter(exp_dir)
 
     # ----------------------------------------------------------------- checkpoints
     def state(self, headline=None):
@@ -157,6 +223,7 @@ class Trainer:
             'best_epoch': self.best_epoch,
             'headline': headline,
             'history': self.history,
+            'position': self.position,
             'torch_rng': torch.get_rng_state(),
             'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -191,10 +258,12 @@ class Trainer:
         self.best = float(ckpt['best'])
         self.best_epoch = int(ckpt['best_epoch'])
         self.history = list(ckpt.get('history', []))
+        self.position = ckpt.get('position')
         torch.set_rng_state(ckpt['torch_rng'])
         if ckpt.get('cuda_rng') and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt['cuda_rng'])
-        self.log(f'resumed from {path} after epoch {self.epoch} (best {self.best:.2f} at epoch {self.best_epoch})')
+        within = f', iteration {self.position["iteration"]} of epoch {self.epoch + 1}' if self.position else ''
+        self.log(f'resumed from {path} after epoch {self.epoch}{within} (best {self.best:.2f} at epoch {self.best_epoch})')
         return ckpt
 
     # ----------------------------------------------------------------- loops
@@ -204,56 +273,91 @@ class Trainer:
         return [o.float() for o in out]
 
     def train_epoch(self):
+        """One epoch from ``self.position`` (a resumed epoch goes on at the batch it stopped at,
+        with its running sums): -> the epoch's means. Writes a resumable checkpoint every
+        ``--saveEvery`` optimiser steps, and one at the next step boundary after SIGTERM or SIGINT
+        (then raises ``Interrupted``)."""
         opts = self.opts
         self.net.train()
-        lr = epoch_lr = lr_at(opts, self.epoch)
         self.train_set.epoch = self.epoch
-        loader = make_loader(opts, self.train_set, self.device, train=True, distributed=self.distributed)
+        pos = self.position or dict(iteration=0, total=0.0, terms={}, acc=0.0, seen=0, acc_seen=0, seconds=0.0,
+                                    skipped=0)
+        self.position = None
+        world = dist.get_world_size() if self.distributed else 1
+        steps = steps_per_epoch(opts, len(self.train_set), world)
+        loader = make_loader(opts, self.train_set, self.device, train=True, distributed=self.distributed,
+                             start=pos['iteration'])
         bar = self._bar(loader, f'epoch {self.epoch + 1}/{opts.nEpochs} train')
-        total, terms_total, total_acc, n_seen, n_acc = 0.0, {}, 0.0, 0, 0
-        start = time.time()
+        start, group, lr = time.time() - pos['seconds'], opts.mini_batch_count, lr_at(opts, self.epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        steps = len(loader)
-        group = opts.mini_batch_count
-        for it, batch in enumerate(bar):
-            if batch.get('errors'):
-                raise DatasetError(batch['errors'][0])
+        for it, batch in enumerate(bar, pos['iteration']):
+            if it >= steps:
+                break
+            batch = self._usable(batch, pos)
             lr = lr_at(opts, self.epoch, it / steps)
             for g in self.optimizer.param_groups:
                 g['lr'] = lr
-            batch = to_device(batch, self.device, opts.channelsLast)
-            outputs = self.forward(batch['image'])
-            terms = self.codec.loss(outputs, batch)
-            loss = total_loss(terms)
-            if not torch.isfinite(loss):
-                last = os.path.join(self.exp_dir, 'model_last.pth')
-                kept = f'; the last good checkpoint is {last}' if os.path.exists(last) else '; no checkpoint was written yet'
-                raise TrainingError(f'loss is {loss.item()} at epoch {self.epoch + 1}, iteration {it + 1}: stopping '
-                                    f'(try a lower --LR){kept}')
-            # gradient accumulation: each optimiser step averages its group of batches; the last
-            # group of an epoch may hold fewer than mini_batch_count
-            first = it - it % group
-            self.scaler.scale(loss / min(group, steps - first)).backward()
+            if batch is not None:
+                self._step(batch, it, steps, group, pos)
             if (it + 1) % group == 0 or it + 1 == steps:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
-            n = batch['image'].shape[0]
-            total += loss.item() * n
-            for name, term in terms.items():
-                terms_total[name] = terms_total.get(name, 0.0) + (term.item() if len(terms) > 1 else loss.item()) * n
-            n_seen += n
-            acc = self.codec.accuracy(outputs, batch)
-            if acc is not None:
-                total_acc += acc * n
-                n_acc += n
-            if bar is not loader:
-                bar.set_postfix(loss=f'{total / n_seen:.3g}', acc=f'{total_acc / max(n_acc, 1):.3f}',
-                                ips=f'{n_seen / (time.time() - start):.1f}', lr=f'{lr:.2g}', refresh=False)
-        seen = max(n_seen, 1)
-        return dict(loss=total / seen, terms={k: v / seen for k, v in terms_total.items()},
-                    acc=total_acc / max(n_acc, 1) if n_acc else None, lr=epoch_lr,
-                    seconds=time.time() - start, images_per_s=n_seen / max(time.time() - start, 1e-9))
+                done = it + 1 < steps and (self._signal is not None or
+                                           (opts.saveEvery and (it + 1) % opts.saveEvery == 0))
+                if done:
+                    self.position = dict(pos, iteration=it + 1, seconds=time.time() - start)
+                    self.save('model_last.pth')
+                    if self._signal is not None:
+                        raise Interrupted(self._signal, self.epoch + 1, it + 1, os.path.join(self.exp_dir, 'model_last.pth'))
+                    self.position = None
+            if bar is not loader and pos['seen']:
+                bar.set_postfix(loss=f'{pos["total"] / pos["seen"]:.3g}', acc=f'{pos["acc"] / max(pos["acc_seen"], 1):.3f}',
+                                ips=f'{pos["seen"] / (time.time() - start):.1f}', lr=f'{lr:.2g}', refresh=False)
+        seen, seconds = max(pos['seen'], 1), time.time() - start
+        return dict(loss=pos['total'] / seen, terms={k: v / seen for k, v in pos['terms'].items()},
+                    acc=pos['acc'] / pos['acc_seen'] if pos['acc_seen'] else None, lr=lr, seconds=seconds,
+                    images_per_s=pos['seen'] / max(seconds, 1e-9), skipped=pos['skipped'])
+
+    def _usable(self, batch, pos):
+        """The batch without the samples whose image could not be read (each named in a warning
+        and counted; more than 1 % of the split stops the run); None when fewer than 2 remain."""
+        errors = batch.get('errors') or []
+        for message in errors:
+            pos['skipped'] += 1
+            self.log(f'warning: skipped a training sample: {message}', stream=sys.stderr)
+        if errors and pos['skipped'] > max(1, 0.01 * len(self.train_set)):
+            raise DatasetError(f'{pos["skipped"]} training images could not be read, more than 1 % of the '
+                               f'{len(self.train_set)} of {self.opts.dataset}; the last: {errors[-1]}')
+        if 'image' not in batch or batch['image'].shape[0] < 2 and errors:
+            return None
+        return batch
+
+    def _step(self, batch, it, steps, group, pos):
+        """Forward, loss and backward of one batch (the optimiser steps at the group's end);
+        the running sums of ``pos`` updated."""
+        batch = to_device(batch, self.device, self.opts.channelsLast)
+        outputs = self.forward(batch['image'])
+        terms = self.codec.loss(outputs, batch)
+        loss = total_loss(terms)
+        if not torch.isfinite(loss):
+            last = os.path.join(self.exp_dir, 'model_last.pth')
+            kept = f'; the last good checkpoint is {last}' if os.path.exists(last) else '; no checkpoint was written yet'
+            raise TrainingError(f'loss is {loss.item()} at epoch {self.epoch + 1}, iteration {it + 1}: stopping '
+                                f'(try a lower --LR){kept}')
+        # gradient accumulation: each optimiser step averages its group of batches; the last
+        # group of an epoch may hold fewer than mini_batch_count
+        first = it - it % group
+        self.scaler.scale(loss / min(group, steps - first)).backward()
+        n = batch['image'].shape[0]
+        pos['total'] += loss.item() * n
+        for name, term in terms.items():
+            pos['terms'][name] = pos['terms'].get(name, 0.0) + (term.item() if len(terms) > 1 else loss.item()) * n
+        pos['seen'] += n
+        acc = self.codec.accuracy(outputs, batch)
+        if acc is not None:
+            pos['acc'] += acc * n
+            pos['acc_seen'] += n
 
     def evaluate(self, keep=None):
         keep = self.opts.visCount if keep is None else keep
@@ -261,6 +365,23 @@ class Trainer:
                         progress=lambda loader: self._bar(loader, 'evaluate'))
 
     def fit(self):
+        """Train to --nEpochs, evaluating and writing checkpoints as the options say; SIGTERM and
+        SIGINT stop it at the next step with a resumable checkpoint."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._fit()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.tb is not None:
+                self.tb.close()
+
+    def _on_signal(self, signum, frame):
+        if self._signal is not None:              # a second one: stop at once
+            raise KeyboardInterrupt
+        self._signal = signum
+
+    def _fit(self):
         opts = self.opts
         self.log(f'training {opts.model} on {opts.dataset} ({len(self.train_set)} train / '
                  f'{len(self.val_set)} val samples) on {self.device}, epochs {self.epoch + 1}..{opts.nEpochs}')
@@ -278,6 +399,9 @@ class Trainer:
             if train['acc'] is not None:
                 msg += f', acc {train["acc"]:.3f}'
             msg += f', {train["images_per_s"]:.1f} img/s, lr {train["lr"]:.3g}'
+            if train['skipped']:
+                record['skipped_images'] = train['skipped']
+                msg += f', {train["skipped"]} unreadable images skipped'
             self.history.append(record)
             last_due = self.epoch % opts.saveInterval == 0 or self.epoch == opts.nEpochs
             val_due = self.epoch % opts.valInterval == 0 or self.epoch == opts.nEpochs
@@ -297,6 +421,13 @@ class Trainer:
             if self.main:
                 self.log(msg)
                 write_json(os.path.join(self.exp_dir, 'metrics.json'), self.history)
+                if val_due:
+                    from vis.plots import write_curves
+                    write_curves(os.path.join(self.exp_dir, 'curves.png'), self.history)
+                if self.tb is not None:
+                    self.tb.epoch(record)
+                    if val_due:
+                        self.tb.image('val/vis', os.path.join(self.exp_dir, 'vis.png'), self.epoch)
             if self.distributed:
                 dist.barrier()
         return result
@@ -330,3 +461,7 @@ def _worker_init(_):
     import cv2
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+    # SIGTERM / SIGINT are the main process's to handle (it writes the checkpoint, then ends the
+    # workers); a worker that died of them first would turn a clean stop into a loader error
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
