@@ -15,7 +15,7 @@ import opts as options
 from datasets import build_dataset, build_reader
 from datasets.codecs import build_codec
 from models import build_model, count_parameters
-from utils import checkpoint, metrics
+from utils import checkpoint, distributed, metrics
 from utils.errors import ConfigError, DatasetError, PoseError, TrainingError
 from utils.io import RunFolder, write_json, write_text
 from utils.predictor import Predictor, options_namespace, pick_device
@@ -189,14 +189,27 @@ def run_test(opts, ckpt):
     checkpoint.load_weights(model, ckpt['state_dict'], opts.loadModel)
     check_images(reader)
     dataset = build_dataset(opts, split, codec, reader)
-    predictor = Predictor(model, codec, device=pick_device(opts.gpuid), amp=opts.amp, flip_test=opts.flipTest,
+    device = pick_device(opts.gpuid)
+    d = distributed.setup(opts, device)                 # under torchrun: sharded, gathered, rank 0 writes
+    try:
+        return _test(opts, d, device, model, codec, reader, dataset, exp_dir, split)
+    finally:
+        d.close()
+
+
+def _test(opts, d, device, model, codec, reader, dataset, exp_dir, split):
+    predictor = Predictor(model, codec, device=device, amp=opts.amp, flip_test=opts.flipTest,
                           joint_set=reader.joint_set, channels_last=opts.channelsLast)
     if split == 'test':
-        result = predictor.run(make_loader(opts, dataset, predictor.device))
-        pred_path = reader.save_all(result['predictions'], exp_dir)
-        print(f'{opts.dataset} test split: {len(result["predictions"])} persons predicted; predictions: {pred_path}')
+        result = predictor.run(make_loader(opts, dataset, predictor.device, shard=d))
+        result['predictions'] = sorted(distributed.gather(d, result['predictions']), key=lambda p: p['index'])
+        if d.main:
+            pred_path = reader.save_all(result['predictions'], exp_dir)
+            print(f'{opts.dataset} test split: {len(result["predictions"])} persons predicted; predictions: {pred_path}')
         return result
-    result = evaluate(predictor, dataset, opts, keep=opts.visCount)
+    result = evaluate(predictor, dataset, opts, keep=opts.visCount, dist_=d)
+    if not d.main:
+        return result
     pred_path = reader.save_all(result['predictions'], exp_dir)
     title = f'{opts.dataset} validation, {opts.loadModel}' + (' (flip test)' if opts.flipTest else '')
     write_json(os.path.join(exp_dir, 'test_metrics.json'),
@@ -216,7 +229,8 @@ def run_train(opts, ckpt):
         opts.finetune = True          # a released weight file holds no optimiser or schedule to resume
     exp_dir = run_folder(opts)
     resuming = ckpt is not None and not opts.finetune
-    if resuming:
+    first = int(os.environ.get('RANK', '0')) == 0        # under torchrun only rank 0 speaks and writes
+    if resuming and first:
         for line in schedule_changes(opts, ckpt):
             print(line, file=sys.stderr)
     if resuming and int(ckpt.get('epoch', 0)) >= opts.nEpochs:
@@ -226,19 +240,30 @@ def run_train(opts, ckpt):
     if opts.tensorboard:
         from utils.tensorboard import require
         require()
-    with RunFolder(exp_dir).claim(resume_from=opts.loadModel if resuming else None, overwrite=opts.overwrite):
+    d = distributed.setup(opts, pick_device(opts.gpuid))
+    folder = RunFolder(exp_dir)
+    distributed.agree(d, lambda: folder.claim(resume_from=opts.loadModel if resuming else None,
+                                              overwrite=opts.overwrite))
+    try:
         model, codec, val_reader = build(opts, ckpt)
         if ckpt is not None:
             checkpoint.check_compatible(ckpt, model, opts.loadModel)
         val_set = build_dataset(opts, 'val', codec, val_reader)
         train_set = build_dataset(opts, 'train', codec)
         check_images(train_set.reader, val_reader)
-        options.write_defconf(opts, os.path.join(exp_dir, 'config.defconf'))
+        if d.main:
+            options.write_defconf(opts, os.path.join(exp_dir, 'config.defconf'))
         trainer = Trainer(opts, model, codec, train_set, val_set, exp_dir)
         if ckpt is not None:
             trainer.resume(ckpt, opts.loadModel, finetune=opts.finetune)
         result = trainer.fit()
-    if result is not None:
+    except BaseException:
+        folder.release()
+        d.close(wait=False)
+        raise
+    folder.release()
+    d.close()
+    if result is not None and d.main:
         print_table(f'{opts.dataset} validation after epoch {trainer.epoch} '
                     f'(best {trainer.best:.2f} at epoch {trainer.best_epoch})', result['table'])
         print(f'run folder: {exp_dir} ({", ".join(written(exp_dir, RUN_FILES))})')

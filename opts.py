@@ -268,6 +268,8 @@ def build_parser():
     g.add_argument('--data_loader_size', type=_ranged(int, 1), default=8, help='batch size')
     g.add_argument('--mini_batch_count', type=_ranged(int, 1), default=1, help='gradient accumulation: batches per optimiser step')
     g.add_argument('--nThreads', type=_ranged(int, 0), default=2, help='data loader worker processes')
+    g.add_argument('--syncBN', type=_bool, nargs='?', const=True, default=False, help='torchrun: BatchNorm statistics over the batches of all ranks (SyncBatchNorm), for small per-GPU batches')
+    g.add_argument('--distTimeout', type=_ranged(int, 10), default=300, help='torchrun: seconds a collective may wait for the other ranks before the run stops')
     g.add_argument('--shuffle', type=_bool, nargs='?', const=True, default=True, help='shuffle the training set each epoch')
 
     g = p.add_argument_group('accepted from older configs')

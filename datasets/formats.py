@@ -147,6 +147,12 @@ def read_lip_csv(path, with_flags=None):
                     raise fail(path, f'line {line_no}: not a number ({exc})') from None
                 per = LIP_FIELDS[len(row)]
                 values = values.reshape(16, per)
+                if per == 3:
+                    labelled = np.all(np.isfinite(values[:, :2]), axis=-1)
+                    bad = labelled & ~np.isin(values[:, 2], (0.0, 1.0))
+                    if bad.any():
+                        j = int(np.flatnonzero(bad)[0])
+                        raise fail(path, f'line {line_no}: joint {j}: occluded flag {values[j, 2]:g}, expected 0 or 1')
                 names.append(row[0].strip())
                 rows.append(values[:, :2])
                 flags.append(values[:, 2] if per == 3 else np.zeros(16))

@@ -256,6 +256,9 @@ def test_lip_csv_roundtrip_and_errors(tmp_path):
     bad.write_text('x.jpg,' + ','.join(['oops'] * 32) + '\n')
     with pytest.raises(DatasetError, match='bad.csv: line 1: not a number'):
         F.read_lip_csv(str(bad))
+    bad.write_text(','.join(['x.jpg'] + ['1,2,0'] * 5 + ['1,2,7e40'] + ['1,2,1'] * 10) + '\n')
+    with pytest.raises(DatasetError, match='bad.csv: line 1: joint 5: occluded flag 7e[+]40, expected 0 or 1'):
+        F.read_lip_csv(str(bad))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 
 import opts as options
 from datasets.pipeline import transform_points
-from utils import checkpoint
-from utils.errors import CheckpointError, DatasetError, TrainingError
+from utils import checkpoint, distributed
+from utils.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from utils.io import write_json, write_text
 from utils.predictor import Predictor, pick_device, to_device
 
@@ -98,11 +98,12 @@ def steps_per_epoch(opts, n, world=1):
     return full + (1 if rest > 1 else 0)
 
 
-def make_loader(opts, dataset, device, train=False, distributed=False, start=0):
+def make_loader(opts, dataset, device, train=False, distributed=False, start=0, shard=None):
     """The DataLoader of a split: for training the epoch's order (``EpochSampler``) from batch
-    ``start`` on, for evaluation in order (the codec's ``eval_batch_size`` when it has one);
-    batches collated by field name (``PoseDataset.collate``). No loader draws from the global
-    random generator."""
+    ``start`` on, for evaluation in order (the codec's ``eval_batch_size`` when it has one), under
+    torchrun this rank's share of whole batches (``shard``: a ``utils.distributed.Dist``); batches
+    collated by field name (``PoseDataset.collate``). No loader draws from the global random
+    generator."""
     batch = opts.data_loader_size if train else getattr(dataset.codec, 'eval_batch_size', None) or opts.data_loader_size
     sampler, drop_last = None, False
     if train:
@@ -110,18 +111,27 @@ def make_loader(opts, dataset, device, train=False, distributed=False, start=0):
         rank = dist.get_rank() if distributed else 0
         sampler = EpochSampler(len(dataset), opts.seed, dataset.epoch, opts.shuffle, start * batch, rank, world)
         drop_last = (len(sampler) % batch) == 1
+    elif shard is not None and shard.on:
+        from utils.distributed import BatchShard
+        sampler = BatchShard(len(dataset), batch, shard.rank, shard.world)
     return DataLoader(dataset, batch_size=batch, shuffle=False, sampler=sampler, drop_last=drop_last,
                       generator=torch.Generator().manual_seed(opts.seed), num_workers=opts.nThreads,
                       collate_fn=dataset.collate, pin_memory=device.type == 'cuda' and not opts.dont_pin_memory,
                       persistent_workers=False, worker_init_fn=_worker_init if opts.nThreads else None)
 
 
-def evaluate(predictor, dataset, opts, keep=0, progress=None):
-    """Predict the split and score it with its reader's official protocol.
+def evaluate(predictor, dataset, opts, keep=0, progress=None, dist_=distributed.NOT_DISTRIBUTED):
+    """Predict the split and score it with its reader's official protocol. Under torchrun each
+    rank predicts its share of whole batches and the predictions are gathered (every rank gets
+    the table; the same predictions as one process).
 
     Returns dict(table, headline, acc, predictions, kept) (see ``Predictor.run``)."""
-    loader = make_loader(opts, dataset, predictor.device)
-    out = predictor.run(loader, keep=keep, progress=progress)
+    loader = make_loader(opts, dataset, predictor.device, shard=dist_)
+    out = predictor.run(loader, keep=keep if dist_.main else 0, progress=progress)
+    if dist_.on:
+        out['predictions'] = sorted(distributed.gather(dist_, out['predictions']), key=lambda p: p['index'])
+        accs = distributed.gather(dist_, [(out['acc'], len(loader.sampler))] if out['acc'] is not None else [])
+        out['acc'] = sum(a * n for a, n in accs) / sum(n for _, n in accs) if accs else None
     table, headline = dataset.reader.evaluate_predictions(out['predictions'])
     return dict(table=table, headline=float(headline), **out)
 
@@ -172,24 +182,30 @@ class Trainer:
         self.val_set = val_set
         self.exp_dir = exp_dir
         self.joint_set = val_set.reader.joint_set
-        self.distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1
         self.device = pick_device(opts.gpuid)
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
-        self.rank = dist.get_rank() if self.distributed else 0
-        self.main = self.rank == 0
+        self.dist = distributed.setup(opts, self.device)
+        self.distributed = self.dist.on
+        self.rank = self.dist.rank
+        self.main = self.dist.main
         if self.device.type == 'cuda':
             torch.cuda.set_device(self.device)
         # channels-last runs the convolutions 1.3-1.5x faster on the CPU (oneDNN) and on tensor cores;
-        # the predictor holds the bare model: evaluation runs on rank 0 alone, and a DDP forward
-        # would wait for the other ranks to broadcast buffers
+        # the predictor holds the bare model: each rank evaluates its shard, and a DDP forward would
+        # wait for the other ranks at every batch
         self.predictor = Predictor(model, codec, device=self.device, amp=opts.amp, flip_test=opts.flipTest,
                                    joint_set=self.joint_set, channels_last=opts.channelsLast)
         self.model = self.predictor.model
         self.net = self.model
         if self.distributed:
             ids = [self.device.index] if self.device.type == 'cuda' else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            train_model = self.model
+            if opts.syncBN:             # statistics over every rank's batch (the shared modules' weights)
+                if self.device.type != 'cuda':
+                    raise ConfigError("--syncBN needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only (on the CPU "
+                                      "each rank keeps its own BatchNorm statistics: drop --syncBN)")
+                train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                self.model = self.predictor.model = train_model
+            self.net = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
         self.optimizer = build_optimizer(opts, self.model.parameters())
         # --amp: float16 with loss scaling on CUDA; bfloat16 (no scaling needed) on the CPU
         self.amp = bool(opts.amp)
@@ -263,7 +279,8 @@ class Trainer:
         if ckpt.get('cuda_rng') and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt['cuda_rng'])
         within = f', iteration {self.position["iteration"]} of epoch {self.epoch + 1}' if self.position else ''
-        self.log(f'resumed from {path} after epoch {self.epoch}{within} (best {self.best:.2f} at epoch {self.best_epoch})')
+        best = f'best {self.best:.2f} at epoch {self.best_epoch}' if self.best_epoch > 0 else 'not evaluated yet'
+        self.log(f'resumed from {path} after epoch {self.epoch}{within} ({best})')
         return ckpt
 
     # ----------------------------------------------------------------- loops
@@ -298,18 +315,19 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g['lr'] = lr
             if batch is not None:
-                self._step(batch, it, steps, group, pos)
+                distributed.guard(self._step, self.dist, batch, it, steps, group, pos)
             if (it + 1) % group == 0 or it + 1 == steps:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
-                done = it + 1 < steps and (self._signal is not None or
-                                           (opts.saveEvery and (it + 1) % opts.saveEvery == 0))
+                stop = self._stop_requested()
+                done = it + 1 < steps and (stop or (opts.saveEvery and (it + 1) % opts.saveEvery == 0))
                 if done:
                     self.position = dict(pos, iteration=it + 1, seconds=time.time() - start)
                     self.save('model_last.pth')
-                    if self._signal is not None:
-                        raise Interrupted(self._signal, self.epoch + 1, it + 1, os.path.join(self.exp_dir, 'model_last.pth'))
+                    if stop:
+                        raise Interrupted(self._signal or signal.SIGTERM, self.epoch + 1, it + 1,
+                                          os.path.join(self.exp_dir, 'model_last.pth'))
                     self.position = None
             if bar is not loader and pos['seen']:
                 bar.set_postfix(loss=f'{pos["total"] / pos["seen"]:.3g}', acc=f'{pos["acc"] / max(pos["acc_seen"], 1):.3f}',
@@ -318,6 +336,15 @@ class Trainer:
         return dict(loss=pos['total'] / seen, terms={k: v / seen for k, v in pos['terms'].items()},
                     acc=pos['acc'] / pos['acc_seen'] if pos['acc_seen'] else None, lr=lr, seconds=seconds,
                     images_per_s=pos['seen'] / max(seconds, 1e-9), skipped=pos['skipped'])
+
+    def _stop_requested(self):
+        """A signal reached this process (or, under torchrun, any rank: they stop at the same step)."""
+        stop = self._signal is not None
+        if self.distributed:
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+            distributed.guard(dist.all_reduce, self.dist, flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item() > 0)
+        return stop
 
     def _usable(self, batch, pos):
         """The batch without the samples whose image could not be read (each named in a warning
@@ -361,8 +388,10 @@ class Trainer:
 
     def evaluate(self, keep=None):
         keep = self.opts.visCount if keep is None else keep
+        if self.distributed:        # every rank evaluates rank 0's weights and BatchNorm statistics (the checkpoint)
+            distributed.broadcast_buffers(self.dist, self.model)
         return evaluate(self.predictor, self.val_set, self.opts, keep=keep,
-                        progress=lambda loader: self._bar(loader, 'evaluate'))
+                        progress=lambda loader: self._bar(loader, 'evaluate'), dist_=self.dist)
 
     def fit(self):
         """Train to --nEpochs, evaluating and writing checkpoints as the options say; SIGTERM and
@@ -407,7 +436,7 @@ class Trainer:
             val_due = self.epoch % opts.valInterval == 0 or self.epoch == opts.nEpochs
             if self.main and last_due:
                 self.save('model_last.pth')       # before evaluating: an evaluation that fails loses nothing
-            if self.main and val_due:
+            if val_due:                            # every rank predicts its share
                 result = self.evaluate()
                 headline = result['headline']
                 record.update(val=result['table'], val_headline=headline, val_acc=result['acc'])
@@ -415,7 +444,8 @@ class Trainer:
                 if headline > self.best:
                     self.best, self.best_epoch = headline, self.epoch
                     self.save('model_best.pth', headline)
-                self.write_vis(result)
+                if self.main:
+                    self.write_vis(result)
                 if last_due:
                     self.save('model_last.pth', headline)     # now with the score and the best
             if self.main:
@@ -428,8 +458,7 @@ class Trainer:
                     self.tb.epoch(record)
                     if val_due:
                         self.tb.image('val/vis', os.path.join(self.exp_dir, 'vis.png'), self.epoch)
-            if self.distributed:
-                dist.barrier()
+            self.dist.barrier()
         return result
 
     # ----------------------------------------------------------------- helpers
