@@ -97,9 +97,17 @@ def single_person(predictions):
 SPLITS = ('train', 'val')
 
 
-def read_image(path):
+REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+           8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def read_image(path, reduce=1):
     """An image file -> uint8 RGB (H, W, 3), the stored pixels whatever the EXIF orientation says
     (the annotations are in the stored frame, as the reference loaders read them).
+
+    reduce: 2, 4 or 8 to decode the image that many times smaller (a JPEG in libjpeg's DCT
+    domain, which skips most of the decoding work; other formats are decoded and then averaged
+    over reduce x reduce blocks): pixel (u, v) covers the original's block at reduce * (u, v).
 
     A missing file, one that does not decode, and a JPEG or PNG cut short (which the decoders
     would fill in silently, with only a libjpeg warning on stderr) are ``DatasetError`` naming it.
@@ -114,7 +122,7 @@ def read_image(path):
         raise DatasetError(f'truncated image: {path} (the JPEG ends before its end-of-image marker)')
     if head == b'\x89PNG\r\n\x1a\n' and b'IEND' not in tail:
         raise DatasetError(f'truncated image: {path} (the PNG ends before its IEND chunk)')
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    img = cv2.imdecode(data, REDUCED[reduce] | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise DatasetError(f'corrupt or unreadable image: {path}')
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -177,7 +185,8 @@ class Reader:
         half_body = (opts.halfBodyProb, opts.halfBodyJoints, self.joint_set.upper_body) if opts.halfBodyProb > 0 else None
         return Pipeline(opts.inputRes.wh, self.joint_set.flip_permutation(), train=train,
                         max_scale=opts.maxScale, max_rotate=opts.maxRotate, max_translate=opts.maxTranslate,
-                        flip=opts.flipAug, color_jitter=opts.colorJitter, half_body=half_body, udp=opts.udp)
+                        flip=opts.flipAug, color_jitter=opts.colorJitter, half_body=half_body, udp=opts.udp,
+                        reduced_decode=opts.reducedDecode)
 
     def mask(self, record, height, width):
         """The loss mask of a whole-image record (height, width) uint8, 1 where the loss counts, or
@@ -192,6 +201,13 @@ class Reader:
     def load_image(self, record):
         """-> uint8 RGB (H, W, 3). A missing, corrupt or truncated file is a one-line error naming it."""
         return read_image(record['image'])
+
+    def load_image_reduced(self, record, reduce):
+        """-> (image, the factor it was decoded smaller by): ``reduce`` for an image file, 1 for
+        a reader that makes its images itself (``load_image`` overridden)."""
+        if reduce == 1 or type(self).load_image is not Reader.load_image:
+            return self.load_image(record), 1
+        return read_image(record['image'], reduce), reduce
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_predictions(self, predictions):
@@ -255,16 +271,23 @@ class PoseDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         rec = self.reader.records[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        plan = self.pipeline.plan(rec, rng) if hasattr(self.pipeline, 'plan') else None
         try:
-            image = self.reader.load_image(rec)
+            if plan is not None and plan['reduce'] > 1:
+                image, reduced = self.reader.load_image_reduced(rec, plan['reduce'])
+            else:
+                image, reduced = self.reader.load_image(rec), 1
         except DatasetError as exc:
             return {'error': str(exc), 'meta': {'index': i}}
         if getattr(self.pipeline, 'train', False):
             mask = self.reader.mask(rec, *image.shape[:2])      # bottom-up: regions the loss skips
             if mask is not None:
                 rec = dict(rec, mask=mask)
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        sample = self.pipeline(image, rec, rng)
+        if plan is None:
+            sample = self.pipeline(image, rec, rng)
+        else:
+            sample = self.pipeline(image, rec, plan=plan, reduced=reduced)
         meta = dict(index=i)
         for key in META_FIELDS:                       # how the crop was made: meta, not a target
             if key in sample:

@@ -207,7 +207,8 @@ class Pipeline:
     """
 
     def __init__(self, input_size, flip_perm, train=False, max_scale=0.25, max_rotate=30.0,
-                 max_translate=0.0, flip=True, color_jitter=0.2, rotate_prob=0.6, half_body=None, udp=False):
+                 max_translate=0.0, flip=True, color_jitter=0.2, rotate_prob=0.6, half_body=None, udp=False,
+                 reduced_decode=False):
         self.input_size = (int(input_size), int(input_size)) if np.isscalar(input_size) else tuple(input_size)
         self.flip_perm = np.asarray(flip_perm)
         self.train = train
@@ -219,6 +220,7 @@ class Pipeline:
         self.rotate_prob = rotate_prob
         self.half_body = half_body if half_body and half_body[0] > 0 else None
         self.udp = bool(udp)
+        self.reduced_decode = bool(reduced_decode) and self.train
 
     def sample_params(self, rng):
         if not self.train:
@@ -232,15 +234,11 @@ class Pipeline:
         g = rng.uniform(1 - self.color_jitter, 1 + self.color_jitter, 3).astype(np.float32) if self.color_jitter > 0 else None
         return dict(scale=s, rotation=r, shift=t, flip=f, gain=g)
 
-    def __call__(self, image, record, rng=None):
-        """image: uint8 RGB (H, W, 3); record: dict with center, scale, keypoints (N, K, 2),
-        visible (N, K).
-
-        Returns dict(image=(3, h, w) float32 tensor, keypoints=(N, K, 2) crop pixels,
-        visible=(N, K), affine=(2, 3) original -> crop). Every person goes through the same
-        matrix; a flip also swaps each person's left and right keypoints.
-        """
-        rng = rng if rng is not None else np.random.default_rng()
+    def plan(self, record, rng):
+        """What the crop of ``record`` will be, drawn before the image is read: the augmentation,
+        the box, the affine (original pixels -> crop) and ``reduce``, the factor (1, 2, 4 or 8) by
+        which the image may be decoded smaller (``reduced_decode``, training only: the largest
+        power of two by which the crop shrinks the box, so that no detail the crop keeps is lost)."""
         p = self.sample_params(rng)
         center, scale = record['center'], record['scale']
         if self.train and self.half_body is not None:
@@ -251,19 +249,43 @@ class Pipeline:
             m = udp_affine_matrix(center, (box_w, box_h), self.input_size, p['rotation'], p['flip'], shift)
         else:
             m = affine_matrix(center, box_w, self.input_size, p['rotation'], p['flip'], shift)
-        crop = cv2.warpAffine(image, m, self.input_size, flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-        if p['gain'] is not None:
-            crop = np.clip(crop.astype(np.float32) * p['gain'], 0, 255)
-        keypoints = np.asarray(record['keypoints'])
-        keypoints = transform_points(keypoints.reshape(-1, 2), m).reshape(keypoints.shape).astype(np.float32)
-        visible = np.asarray(record['visible'], np.float32).copy()
-        if p['flip']:
-            keypoints, visible = keypoints[:, self.flip_perm], visible[:, self.flip_perm]
+        reduce = 1
+        if self.reduced_decode:
+            shrink = box_w / self.input_size[0]
+            while reduce < 8 and shrink >= 2 * reduce:
+                reduce *= 2
         # the box as the reference decoders rebuild their inverse transform from it: centre x, y,
         # width, rotation and whether the crop is mirrored
         box = np.array([center[0] + shift[0], center[1] + shift[1], box_w, p['rotation'], float(p['flip'])])
-        return dict(image=normalize(crop), keypoints=keypoints, visible=visible, affine=m.astype(np.float32), box=box)
+        return dict(p, m=m, box=box, reduce=reduce)
+
+    def __call__(self, image, record, rng=None, plan=None, reduced=1):
+        """image: uint8 RGB (H, W, 3), decoded ``reduced`` times smaller than the original (its
+        pixel (u, v) covering the original's reduced x reduced block, centred at
+        reduced * (u, v) + (reduced - 1) / 2); record: dict with center, scale, keypoints (N, K, 2),
+        visible (N, K); plan: ``plan(record, rng)``'s result, drawn now when not given.
+
+        Returns dict(image=(3, h, w) float32 tensor, keypoints=(N, K, 2) crop pixels,
+        visible=(N, K), affine=(2, 3) original -> crop, box). Every person goes through the same
+        matrix; a flip also swaps each person's left and right keypoints.
+        """
+        if plan is None:
+            plan = self.plan(record, rng if rng is not None else np.random.default_rng())
+        m = plan['m']
+        warp = m
+        if reduced != 1:            # the affine of the reduced frame: original = reduced * u + (reduced - 1) / 2
+            warp = np.concatenate([m[:, :2] * reduced, m[:, :2] @ np.full((2, 1), (reduced - 1) / 2.0) + m[:, 2:]], 1)
+        crop = cv2.warpAffine(image, warp, self.input_size, flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+        if plan['gain'] is not None:
+            crop = np.clip(crop.astype(np.float32) * plan['gain'], 0, 255)
+        keypoints = np.asarray(record['keypoints'])
+        keypoints = transform_points(keypoints.reshape(-1, 2), m).reshape(keypoints.shape).astype(np.float32)
+        visible = np.asarray(record['visible'], np.float32).copy()
+        if plan['flip']:
+            keypoints, visible = keypoints[:, self.flip_perm], visible[:, self.flip_perm]
+        return dict(image=normalize(crop), keypoints=keypoints, visible=visible, affine=m.astype(np.float32),
+                    box=plan['box'])
 
     def _half_body(self, record, rng, center, scale):
         """The half-body box of the record's first person, drawn as HRNet does (a uniform draw

@@ -165,3 +165,57 @@ def test_half_body_crops_the_upper_or_lower_body_as_hrnet():
     assert zoom(on(img, few, np.random.default_rng(1))) == zoom(off(img, few, np.random.default_rng(1)))
     evaluation = Pipeline((192, 256), COCO.flip_permutation(), half_body=(1.0, 8, COCO.upper_body))
     assert zoom(evaluation(img, record)) == pytest.approx(192 / 300)
+
+
+@pytest.mark.parametrize('ext', ['.jpg', '.png'])
+@pytest.mark.parametrize('box,factor', [(2.4, 2), (4.6, 4), (9.5, 8)])
+def test_reduced_decode_keeps_every_dot_within_half_a_pixel(tmp_path, ext, box, factor):
+    """Training crops that shrink the person box by 2x, 4x or 8x decode the file that many times
+    smaller; the corrected affine puts every painted dot on its keypoint in the crop."""
+    from datasets.base import read_image
+    size = 64
+    box_w = box * size
+    centre = np.array([700.0, 520.0])
+    angles = np.deg2rad(np.arange(6) * 60.0 + 17)      # on a ring: 0.3 box apart, well separated
+    points = centre + 0.3 * box_w * np.stack([np.cos(angles), np.sin(angles)], 1)
+    radius = int(round(2.0 * box_w / size))          # two crop pixels
+    img = np.zeros((1040, 1400, 3), np.uint8)
+    for x, y in points:
+        cv2.circle(img, (int(round(x * 16)), int(round(y * 16))), radius * 16, (255, 255, 255), -1,
+                   lineType=cv2.LINE_AA, shift=4)
+    path = str(tmp_path / f'dots{ext}')
+    cv2.imwrite(path, img, [cv2.IMWRITE_JPEG_QUALITY, 95] if ext == '.jpg' else [])
+    record = dict(center=centre, scale=np.array([box_w, box_w]) / 200, keypoints=points[None],
+                  visible=np.ones((1, 6)))
+    pipe = Pipeline(size, np.arange(6), train=True, color_jitter=0, reduced_decode=True)
+    for seed in range(4):
+        plan = pipe.plan(record, np.random.default_rng(seed))
+        # the drawn scale moves the box by up to 25 %: the factor follows it, never past the shrink
+        assert plan['reduce'] <= max(1, plan['box'][2] / size)
+        assert plan['reduce'] in (factor // 2, factor, min(2 * factor, 8))
+        small = read_image(path, plan['reduce'])
+        assert small.shape[:2] == (-(-1040 // plan['reduce']), -(-1400 // plan['reduce']))
+        out = pipe(small, record, plan=plan, reduced=plan['reduce'])
+        full = pipe(read_image(path), record, plan=plan)
+        assert np.array_equal(out['keypoints'], full['keypoints'])
+        crop = denormalize(out['image'])[..., 0]
+        for p in out['keypoints'][0]:
+            assert np.linalg.norm(centroid(crop, p, radius=5) - p) < 0.5, (seed, plan['reduce'], p)
+        # the same crop as the full decode, up to the averaging of the smaller file
+        diff = np.abs(crop.astype(np.float64) - denormalize(full['image'])[..., 0])
+        assert diff.mean() < 4
+
+
+def test_reduced_decode_only_in_training_and_never_for_readers_that_draw_their_images():
+    from datasets.base import Reader
+    record = dict(center=np.array([500.0, 500.0]), scale=np.array([5.0, 5.0]),
+                  keypoints=np.zeros((1, 3, 2)), visible=np.ones((1, 3)))
+    assert Pipeline(64, np.arange(3), train=True, reduced_decode=True).plan(record, np.random.default_rng(0))['reduce'] == 8
+    assert Pipeline(64, np.arange(3), train=True, reduced_decode=False).plan(record, np.random.default_rng(0))['reduce'] == 1
+    assert Pipeline(64, np.arange(3), train=False, reduced_decode=True).plan(record, np.random.default_rng(0))['reduce'] == 1
+
+    class Drawn(Reader):
+        def load_image(self, record):
+            return np.full((40, 50, 3), 7, np.uint8)
+    image, reduced = Drawn.load_image_reduced(Drawn.__new__(Drawn), {}, 4)
+    assert reduced == 1 and image.shape == (40, 50, 3)

@@ -474,3 +474,23 @@ def test_dataset_defconf_matches_its_reader(name):
     assert o.dataDir == f'data/{name}'
     # the published input sizes: COCO 256x192 -> 64x48, the others 256x256 -> 64x64
     assert (o.inputRes, o.outputRes) == (((256, 192), (64, 48)) if name == 'coco' else ((256, 256), (64, 64)))
+
+
+def test_mpii_training_samples_with_reduced_decode(tmp_path):
+    """The real MPII images: a training sample decoded smaller where the crop shrinks the person
+    has the same keypoints, targets and augmentation as the full decode, and nearly the same
+    pixels; the images whose crop does not shrink them 2x are decoded whole."""
+    layout = mpii_json_layout(tmp_path)
+    os.symlink('valid.json', tmp_path / 'annot' / 'train.json')
+    codec = HeatmapCodec((256, 256), (64, 64), 2)
+    full = datasets.build_dataset(make_opts('MPII', layout, '--reducedDecode', 'false'), 'train', codec)
+    small = datasets.build_dataset(make_opts('MPII', layout), 'train', codec)
+    factors = []
+    for i in range(len(full)):
+        a, b = full[i], small[i]
+        plan = small.pipeline.plan(small.reader.records[i], np.random.default_rng([small.seed, small.epoch, i]))
+        factors.append(plan['reduce'])
+        assert np.array_equal(a['keypoints'], b['keypoints']) and np.array_equal(a['heatmap'], b['heatmap'])
+        diff = np.abs(denormalize(a['image']).astype(np.float64) - denormalize(b['image']))
+        assert diff.mean() < 6, (i, plan['reduce'], diff.mean())
+    assert max(factors) >= 2, factors
