@@ -223,6 +223,7 @@ def build_parser():
     g.add_argument('--maxPeople', type=_ranged(int, 1), default=30, help='bottom-up models: at most this many people per image in the targets and in the grouping')
     g.add_argument('--scaleRange', type=_scale_range, default=[0.75, 1.5], help="bottom-up training: the image's shorter side is scaled onto the input by a factor uniform in MIN,MAX (HigherHRNet: 0.75,1.5); --maxRotate is then a uniform bound and --maxTranslate a fraction of that box")
     g.add_argument('--testScales', type=_float_list, default=[1.0], help='bottom-up testing: the scales of the multi-scale test (e.g. 0.5,1,2; 1 must be among them): heatmaps averaged, tags concatenated')
+    g.add_argument('--pushLoss', default='exp', choices=['exp', 'max'], help="bottom-up: the associative-embedding push loss between people's tags, exp(-d^2) ('exp', HigherHRNet's) or max(0, 1 - |d|) ('max': no flat start, for short schedules)")
     g.add_argument('--tagLossFactor', type=_ranged(float, 0.0), default=1e-3, help='bottom-up: weight of the associative-embedding push and pull losses (HigherHRNet: 1e-3)')
     g.add_argument('--nClasses', type=_ranged(int, 2), default=1000, help='classification models (ClassificationHRNet): number of classes (must match the dataset)')
 

@@ -140,8 +140,9 @@ class AssociativeEmbeddingCodec(Codec):
 
     def __init__(self, input_size, strides=(4, 2), num_joints=17, sigma=2.0, max_people=30, tag_factor=1e-3,
                  heatmap_factors=(1.0, 1.0), detection_threshold=0.1, tag_threshold=1.0, joint_order=None,
-                 test_scales=(1.0,)):
+                 test_scales=(1.0,), push_type='exp'):
         self.input_size = int(input_size)
+        self.push_type = str(push_type)
         self.test_scales = tuple(float(s) for s in test_scales)
         self.strides = tuple(int(s) for s in strides)
         self.output_sizes = [(self.input_size // s, self.input_size // s) for s in self.strides]
@@ -165,7 +166,7 @@ class AssociativeEmbeddingCodec(Codec):
         if h != w:
             raise ConfigError(f'--inputRes {opts.inputRes}: bottom-up training inputs are square (512, 640)')
         return cls(h, getattr(model, 'strides', (model.stride,)), opts.nJoints, opts.hmGauss, opts.maxPeople,
-                   opts.tagLossFactor, test_scales=opts.testScales)
+                   opts.tagLossFactor, test_scales=opts.testScales, push_type=opts.pushLoss)
 
     def settings(self):
         return dict(target=self.target, input_size=self.input_size, strides=list(self.strides),
@@ -173,7 +174,7 @@ class AssociativeEmbeddingCodec(Codec):
                     tag_factor=self.tag_factor, heatmap_factors=list(self.heatmap_factors),
                     detection_threshold=self.detection_threshold, tag_threshold=self.tag_threshold,
                     joint_order=list(self.joint_order) if self.joint_order else None,
-                    test_scales=list(self.test_scales))
+                    test_scales=list(self.test_scales), push_type=self.push_type)
 
     def pipeline(self, opts, joint_set, train):
         """The whole-image pipeline of this codec's samples (``build_dataset`` asks for it)."""
@@ -208,7 +209,7 @@ class AssociativeEmbeddingCodec(Codec):
             name = f'heatmap_{self.strides[r]}'
             terms[name] = grouping.heatmap_loss(out[:, :k], batch[f'heatmap_{r}'], batch[f'mask_{r}']).mean() \
                 * self.heatmap_factors[r]
-        push, pull = grouping.ae_loss(outputs[0][:, k:2 * k], batch['tag_joints'])
+        push, pull = grouping.ae_loss(outputs[0][:, k:2 * k], batch['tag_joints'], self.push_type)
         terms['push'] = push.mean() * self.tag_factor
         terms['pull'] = pull.mean() * self.tag_factor
         return terms

@@ -49,8 +49,9 @@ def heatmap_loss(pred, gt, mask):
     return ((pred - gt) ** 2 * mask[:, None]).mean(dim=3).mean(dim=2).mean(dim=1)
 
 
-def ae_loss(tags, joints):
-    """Associative-embedding push and pull losses per image (the authors' AELoss, loss_type 'exp').
+def ae_loss(tags, joints, push_type='exp'):
+    """Associative-embedding push and pull losses per image (the authors' AELoss, loss_type 'exp'
+    or 'max').
 
     tags: (B, K, H, W) or (B, K*H*W) tag maps, one tag per joint.
     joints: (B, M, K, 2) integers: per person slot m, entries [flat index k*H*W + y*W + x into the
@@ -59,7 +60,10 @@ def ae_loss(tags, joints):
     Per person with at least one counted entry: its reference tag is the mean of its tags, and
     its pull term the mean squared deviation of its tags from it. With n such people:
     pull = the mean of their pull terms (0 when n = 0), push = (sum over all ordered pairs i, j,
-    i = j included, of exp(-(t_i - t_j)^2) - n) / ((n - 1) n) * 0.5 (0 when n < 2).
+    i = j included, of exp(-(t_i - t_j)^2) - n) / ((n - 1) n) * 0.5 (0 when n < 2); with
+    ``push_type`` 'max', max(0, 1 - |t_i - t_j|) in place of the exponential. 'exp' (HigherHRNet's
+    setting) is flat where two people's tags are equal, so tags that start together (the N(0,
+    0.001) initialisation) separate only slowly; 'max' pushes them apart at a constant rate.
     -> push (B,), pull (B,).
     """
     b = tags.shape[0]
@@ -76,7 +80,14 @@ def ae_loss(tags, joints):
     n = person.sum(dim=1)                                                # (B,)
     pull = (pull_each * person).sum(dim=1) / n.clamp(min=1)
     pairs = person[:, :, None] * person[:, None, :]
-    similar = (torch.exp(-(mean[:, :, None] - mean[:, None, :]) ** 2) * pairs).sum(dim=(1, 2))
+    diff = mean[:, :, None] - mean[:, None, :]
+    if push_type == 'exp':
+        near = torch.exp(-diff ** 2)
+    elif push_type == 'max':
+        near = (1 - diff.abs()).clamp(min=0)
+    else:
+        raise ValueError(f"push_type must be 'exp' or 'max', not {push_type!r}")
+    similar = (near * pairs).sum(dim=(1, 2))
     push = torch.where(n >= 2, (similar - n) / ((n - 1) * n).clamp(min=1) * 0.5,
                        torch.zeros_like(n))
     return push, pull

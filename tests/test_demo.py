@@ -205,6 +205,33 @@ def test_api_inputs(synthetic_ckpt, coco_ckpts):
         bottom_up(rgb, [[0, 0, 10, 10]])
 
 
+def test_infer_many_batches_several_images_and_gives_the_people_of_infer(synthetic_ckpt, coco_ckpts):
+    predictor = Predictor.from_checkpoint(synthetic_ckpt)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in ((60, 90, 3), (80, 50, 3), (64, 64, 3))]
+    boxes = [None, np.array([[5, 5, 30, 40], [0, 0, 50, 80]]), np.zeros((0, 4))]
+    predictor.batch_size = 3                  # crops of different images share a forward pass
+    many = predictor.infer_many(images, boxes)
+    assert [len(f['people']) for f in many] == [1, 2, 0]
+    for image, b, found in zip(images, boxes, many):
+        alone = predictor.infer(image, b)['people']
+        for p, q in zip(found['people'], alone):
+            assert np.array_equal(p['keypoints'][:, :2], q['keypoints'][:, :2]) and np.array_equal(p['box'], q['box'])
+            assert np.allclose(p['keypoints'][:, 2], q['keypoints'][:, 2], atol=1e-6)
+    assert [len(f['people']) for f in predictor.infer_many(images[:2])] == [1, 1]
+    maps = predictor.infer_many(images[:2], bgr=True, maps=True)
+    single = predictor.infer(images[1][..., ::-1].copy(), maps=True)['maps'][0]
+    assert [len(f['maps']) for f in maps] == [1, 1] and maps[1]['maps'][0]['heatmaps'].shape == single['heatmaps'].shape
+    assert np.allclose(maps[1]['maps'][0]['heatmaps'], single['heatmaps'], atol=1e-5)
+    assert np.array_equal(maps[1]['maps'][0]['affine'], single['affine'])
+    with pytest.raises(PoseError, match='2 images but 1'):
+        predictor.infer_many(images[:2], [None])
+    bottom_up = Predictor.from_checkpoint(coco_ckpts[2])
+    coco = cv2.imread(os.path.join(fixture_path('coco', 'images'), sorted(os.listdir(fixture_path('coco', 'images')))[0]))
+    one = bottom_up.infer_many([coco], bgr=True)[0]['people']
+    assert [p['keypoints'].tolist() for p in one] == [p['keypoints'].tolist() for p in bottom_up(coco, bgr=True)]
+
+
 # ----------------------------------------------------------------------------- -demo
 
 def test_demo_on_a_folder_of_real_images_whole_image(synthetic_ckpt, tmp_path):

@@ -200,6 +200,26 @@ def test_ae_loss_three_people_and_empty_images():
     assert pull.tolist() == [0, 0, 0] and push[1:].tolist() == [0, 0]
 
 
+def test_ae_loss_max_push_by_hand_and_no_flat_start():
+    tags = torch.tensor([[0.0, 0.5, 2.0, 0.0]], dtype=torch.float64)
+    joints = torch.zeros(1, 3, 1, 2, dtype=torch.long)
+    for m in range(3):
+        joints[0, m, 0] = torch.tensor([m, 1])
+    push, pull = g.ae_loss(tags, joints, 'max')
+    # means 0, 0.5, 2: only the pair 0 / 0.5 is closer than 1, max(0, 1 - 0.5) twice over 6 pairs
+    assert push.item() == pytest.approx(2 * 0.5 / 6 * 0.5) and pull.item() == 0
+    # two people with nearly equal tags: 'exp' gives them almost no push apart, 'max' a full one
+    near = torch.tensor([[0.0, 1e-4, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for kind in ('exp', 'max'):
+        near.grad = None
+        g.ae_loss(near, joints[:, :2], kind)[0].sum().backward()
+        grads[kind] = near.grad[0, :2].abs().max().item()
+    assert grads['max'] == pytest.approx(0.5) and grads['exp'] < 1e-4
+    with pytest.raises(ValueError, match='push_type'):
+        g.ae_loss(tags, joints, 'hinge')
+
+
 def test_ae_loss_ignores_padded_people_and_has_gradients():
     rng = np.random.default_rng(0)
     tags = torch.tensor(rng.normal(size=(2, 3 * 4 * 4)), dtype=torch.float64, requires_grad=True)

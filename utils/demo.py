@@ -52,6 +52,9 @@ from utils.io import atomic_write, write_json
 from utils.predictor import Predictor, options_namespace, pick_device
 from vis.draw import SIDE_COLOURS, draw_skeleton
 
+# frames (or images of a folder) whose crops go through the model together; a camera runs one at
+# a time, for latency
+FRAME_BATCH = 8
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 BGR_COLOURS = {side: tuple(reversed(c)) for side, c in SIDE_COLOURS.items()}
 
@@ -96,7 +99,7 @@ def read_image(path):
 
 class ImageSource:
     """One image or the images of a folder (sorted by name)."""
-    kind, unit = 'images', 'image'
+    kind, unit, live = 'images', 'image', False
 
     def __init__(self, paths, folder=None):
         self.paths, self.folder = paths, folder
@@ -111,11 +114,11 @@ class ImageSource:
 
 
 class VideoSource:
-    """A video file or a camera (``cv2.VideoCapture``), frame by frame."""
+    """A video file or a camera (``cv2.VideoCapture``, ``live``), frame by frame."""
     kind, unit = 'video', 'frame'
 
-    def __init__(self, capture, name, first):
-        self.capture, self.name, self.first = capture, name, first
+    def __init__(self, capture, name, first, live=False):
+        self.capture, self.name, self.first, self.live = capture, name, first, live
         fps = capture.get(cv2.CAP_PROP_FPS)
         self.fps = float(fps) if math.isfinite(fps) and fps > 0 else 30.0
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
@@ -146,7 +149,7 @@ def open_source(path):
         if not ok:
             capture.release()
             raise DatasetError(f'-demo {path}: cannot open camera {n} (no such device, or it is busy)')
-        return VideoSource(capture, f'cam{n}', first)
+        return VideoSource(capture, f'cam{n}', first, live=True)
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)
                        and os.path.isfile(os.path.join(path, n)))
@@ -428,27 +431,44 @@ def run_demo(opts, ckpt):
         source.close()
 
 
+def _groups(source, size):
+    """The source's frames in lists of ``size`` (the last one shorter)."""
+    group = []
+    for frame in source:
+        group.append(frame)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def _loop(opts, source, predictor, boxes, writer, out_dir):
     results, done, skipped = [], 0, []
     bar = _progress(source, opts)
     start = time.perf_counter()
     keep = True
     try:
-        for frame in source:
-            if frame.image is None:
-                skipped.append(frame.path)
-                _warn(f'warning: {frame.path}: corrupt or unreadable image; skipped')
+        for group in _groups(source, 1 if source.live else FRAME_BATCH):
+            readable = [f for f in group if f.image is not None]
+            given = [boxes.boxes(f) for f in readable] if boxes is not None else None
+            found = predictor.infer_many([f.image for f in readable], given, bgr=True, maps=opts.heatmaps)
+            found = dict(zip((id(f) for f in readable), found))
+            for frame in group:
+                if frame.image is None:
+                    skipped.append(frame.path)
+                    _warn(f'warning: {frame.path}: corrupt or unreadable image; skipped')
+                    bar.update(1)
+                    continue
+                people = found[id(frame)]
+                drawing = draw_people(frame.image, people['people'], predictor.joint_set, opts.kptThreshold)
+                if opts.heatmaps:
+                    drawing = with_panels(drawing, frame.image, people['maps'], predictor.joint_names,
+                                          predictor.bottom_up)
+                writer.write(frame, drawing)
+                results += result_entries(frame, people['people'], source.kind == 'images')
+                done += 1
                 bar.update(1)
-                continue
-            given = boxes.boxes(frame) if boxes is not None else None
-            found = predictor.infer(frame.image, given, bgr=True, maps=opts.heatmaps)
-            drawing = draw_people(frame.image, found['people'], predictor.joint_set, opts.kptThreshold)
-            if opts.heatmaps:
-                drawing = with_panels(drawing, frame.image, found['maps'], predictor.joint_names, predictor.bottom_up)
-            writer.write(frame, drawing)
-            results += result_entries(frame, found['people'], source.kind == 'images')
-            done += 1
-            bar.update(1)
     except KeyboardInterrupt:
         _warn(f'interrupted after {done} {source.unit}s; writing what is done')
     except BaseException:

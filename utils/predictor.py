@@ -187,24 +187,45 @@ class Predictor:
         Same crops, same keypoints as ``run`` (``-test``).
         """
         image = _rgb(image, bgr)
-        self.model.eval()
         if self.bottom_up:
             if boxes is not None or centers is not None:
                 raise ConfigError('boxes: a bottom-up model finds the people of the whole image itself; give none')
+            self.model.eval()
             return self._infer_whole(image, maps)
-        centers, scales, person_boxes = self._crops(image, boxes, centers, scales)
-        people, kept = [], [] if maps else None
+        return self._infer_crops([image], [self._crops(image, boxes, centers, scales)], maps)[0]
+
+    @torch.no_grad()
+    def infer_many(self, images, boxes=None, *, bgr=False, maps=False):
+        """``infer`` on several images at once (a video's frames): the crops of all of them go
+        through the model together, ``batch_size`` per forward pass, which keeps the convolutions
+        busier than one small image at a time. boxes: None (every image whole) or one entry per
+        image (None or (M, 4) x, y, w, h). -> the list of ``infer``'s dicts, the same people."""
+        boxes = [None] * len(images) if boxes is None else list(boxes)
+        if len(boxes) != len(images):
+            raise ConfigError(f'infer_many: {len(images)} images but {len(boxes)} entries of boxes')
+        images = [_rgb(image, bgr) for image in images]
+        if self.bottom_up:
+            return [self.infer(image, b, maps=maps) for image, b in zip(images, boxes)]
+        return self._infer_crops(images, [self._crops(image, b, None, None) for image, b in zip(images, boxes)], maps)
+
+    def _infer_crops(self, images, crops, maps):
+        """Top-down: images and, per image, its ``_crops`` -> one ``infer`` dict per image."""
+        self.model.eval()
         k, pipeline = self._joints().num_joints, self._pipeline()
-        for start in range(0, len(centers), self.batch_size):
-            stop = start + self.batch_size
-            records = [_crop_record(c, s, k) for c, s in zip(centers[start:stop], scales[start:stop])]
-            batch = self._batch(image, records, pipeline)
+        todo = [(i, c, s, box) for i, (centers, scales, boxes) in enumerate(crops)
+                for c, s, box in zip(centers, scales, boxes)]
+        found = [dict(people=[], maps=[] if maps else None) for _ in images]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            records = [dict(_crop_record(c, s, k), image=i) for i, c, s, _ in chunk]
+            batch = self._batch(images, records, pipeline)
             outputs = self.outputs(to_device(batch, self.device, self.channels_last))
-            for p, box in zip(self.codec.decode(outputs, batch), person_boxes[start:stop]):
-                people.append(_person_dict(p['keypoints'][0], p['scores'][0], np.asarray(box, np.float32)))
+            for (i, _, _, box), p in zip(chunk, self.codec.decode(outputs, batch)):
+                found[i]['people'].append(_person_dict(p['keypoints'][0], p['scores'][0], np.asarray(box, np.float32)))
             if maps:
-                kept += self._crop_maps(outputs, batch)
-        return dict(people=people, maps=kept)
+                for (i, *_), m in zip(chunk, self._crop_maps(outputs, batch)):
+                    found[i]['maps'].append(m)
+        return found
 
     def _joints(self):
         if self.joint_set is None:
@@ -223,11 +244,12 @@ class Predictor:
             raise ConfigError(f'codec {self.codec.target!r} predicts no keypoints: nothing to infer people from')
         return Pipeline(size, self._joints().flip_permutation(), train=False, udp=getattr(self.codec, 'udp', False))
 
-    def _batch(self, image, records, pipeline):
-        """Records of one image -> the batch ``-test`` would make of them (``PoseDataset``'s sample
-        path: pipeline, codec encode, meta, collate)."""
+    def _batch(self, images, records, pipeline):
+        """Records of images in memory (one image, or a list that each record's ``image`` indexes)
+        -> the batch ``-test`` would make of them (``PoseDataset``'s sample path: pipeline, codec
+        encode, meta, collate)."""
         from datasets.base import PoseDataset
-        dataset = PoseDataset(_OneImage(image, records), pipeline, self.codec)
+        dataset = PoseDataset(_InMemory(images, records), pipeline, self.codec)
         return dataset.collate([dataset[i] for i in range(len(records))])
 
     def _crops(self, image, boxes, centers, scales):
@@ -286,15 +308,16 @@ class Predictor:
         return dict(people=people, maps=kept)
 
 
-class _OneImage:
-    """What ``PoseDataset`` reads from a reader, over one image already in memory."""
+class _InMemory:
+    """What ``PoseDataset`` reads from a reader, over images already in memory: one image, or a
+    list of them that each record's ``image`` indexes."""
 
-    def __init__(self, image, records):
-        self.image = image
+    def __init__(self, images, records):
+        self.images = images
         self.records = records
 
     def load_image(self, record):
-        return self.image
+        return self.images[record['image']] if isinstance(self.images, list) else self.images
 
     def mask(self, record, height, width):
         return None

@@ -1,0 +1,220 @@
+"""How close a training step on the CPU comes to the machine's limit.
+
+    python bench/bench_train.py [--case paper|quickstart|all] [--rounds 5] [--steps 6]
+
+For each case, in one process and alternating rounds:
+
+* the matrix-multiply throughput of the case's dtype (a 2048 x 2048 x 2048 ``torch.mm``), the
+  machine's limit for dense compute on these threads;
+* ours: the trainer's training step (forward under the run's autocast, the codec's loss,
+  backward, the optimiser's step, ``zero_grad``) on the registered model, with the trainer's
+  memory layout and optimiser; no data loading (one fixed batch);
+* a straightforward implementation of the same network, written here: the same layers and
+  parameter count in NCHW, PyTorch's default optimiser implementation, the loss written out;
+
+and prints images/s, the forward+backward FLOPs per image (PyTorch's FLOP counter, ``torch.utils.
+flop_counter``: convolutions and matrix multiplies), the achieved FLOP/s as a share of the
+matmul throughput, and the ratio ours / straightforward.
+
+Cases: ``paper``: the paper-shaped hourglass (2 stacks x 256 features, 128 px input, batch 8,
+RMSprop, float32); ``quickstart``: the README's quick-start model as it trains
+(conf/models/hourglass_quick.defconf: 2 stacks x 96, stem 64, 128 px, batch 16, Adam, bfloat16
+autocast).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import models  # noqa: E402
+import opts as options  # noqa: E402
+from datasets.codecs import build_codec  # noqa: E402
+from utils.trainer import build_optimizer, total_loss  # noqa: E402
+
+CASES = {
+    'paper': ['--model', 'StackedHourGlass', '--nStack', '2', '--nChannels', '256', '--nModules', '1',
+              '--nReductions', '4', '--inputRes', '128', '--outputRes', '32', '--data_loader_size', '8',
+              '--optimizer_type', 'RMSprop', '--LR', '2.5e-4', '--amp', 'false'],
+    'quickstart': ['-ModelConfig', os.path.join(ROOT, 'conf', 'models', 'hourglass_quick.defconf')],
+}
+
+
+# ----------------------------------------------------------------------------- the baseline
+
+class PlainResidual(nn.Module):
+    """Pre-activation bottleneck, each operation its own module, NCHW."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        mid = cout // 2
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, mid, 1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(mid), nn.Conv2d(mid, mid, 3, padding=1)
+        self.bn3, self.conv3 = nn.BatchNorm2d(mid), nn.Conv2d(mid, cout, 1)
+        self.proj = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        y = self.conv1(F.relu(self.bn1(x)))
+        y = self.conv2(F.relu(self.bn2(y)))
+        y = self.conv3(F.relu(self.bn3(y)))
+        return y + (x if self.proj is None else self.proj(x))
+
+
+class PlainHourglass(nn.Module):
+    def __init__(self, depth, c):
+        super().__init__()
+        self.up, self.low1, self.low3 = PlainResidual(c, c), PlainResidual(c, c), PlainResidual(c, c)
+        self.low2 = PlainHourglass(depth - 1, c) if depth > 1 else PlainResidual(c, c)
+
+    def forward(self, x):
+        low = self.low3(self.low2(self.low1(F.max_pool2d(x, 2))))
+        return self.up(x) + F.interpolate(low, scale_factor=2, mode='nearest')
+
+
+class PlainStackedHourglass(nn.Module):
+    """Newell et al.'s network as a first implementation would write it."""
+
+    def __init__(self, joints, stacks, c, depth, stem):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, stem // 2, 7, 2, 3), nn.BatchNorm2d(stem // 2)
+        self.r1, self.r2, self.r3 = PlainResidual(stem // 2, stem), PlainResidual(stem, stem), PlainResidual(stem, c)
+        self.hgs = nn.ModuleList(PlainHourglass(depth, c) for _ in range(stacks))
+        self.res = nn.ModuleList(PlainResidual(c, c) for _ in range(stacks))
+        self.lin = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(stacks))
+        self.lin_bn = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(stacks))
+        self.score = nn.ModuleList(nn.Conv2d(c, joints, 1) for _ in range(stacks))
+        self.back_f = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(stacks - 1))
+        self.back_h = nn.ModuleList(nn.Conv2d(joints, c, 1) for _ in range(stacks - 1))
+
+    def forward(self, x):
+        x = self.r3(self.r2(F.max_pool2d(self.r1(F.relu(self.bn(self.conv(x)))), 2)))
+        out = []
+        for i, hg in enumerate(self.hgs):
+            f = F.relu(self.lin_bn[i](self.lin[i](self.res[i](hg(x)))))
+            h = self.score[i](f)
+            out.append(h)
+            if i + 1 < len(self.hgs):
+                x = x + self.back_f[i](f) + self.back_h[i](h)
+        return out
+
+
+def plain_optimizer(opts, params):
+    """PyTorch's default implementation of the run's optimiser (the per-parameter loop on the CPU)."""
+    if opts.optimizer_type == 'RMSprop':
+        return torch.optim.RMSprop(params, lr=opts.LR, alpha=0.99, eps=1e-8)
+    if opts.optimizer_type == 'Adam':
+        return torch.optim.Adam(params, lr=opts.LR)
+    return torch.optim.SGD(params, lr=opts.LR, momentum=opts.momentum)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def matmul_rate(dtype, n=2048, reps=8):
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    t = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def make_step(model, optimizer, loss_fn, images, amp_dtype):
+    def step():
+        with torch.autocast('cpu', dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            out = model(images)
+        loss = loss_fn([o.float() for o in out])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def step_rate(step, batch, steps):
+    step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch * steps / (time.perf_counter() - t)
+
+
+def flops_per_image(model, images, amp_dtype, loss_fn):
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast('cpu', dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            out = model(images)
+        loss_fn([o.float() for o in out]).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / images.shape[0]
+
+
+def run_case(name, args):
+    opts = options.parse(CASES[name])
+    torch.manual_seed(0)
+    ours = models.build_model(opts)
+    codec = build_codec(opts, ours)
+    plain = PlainStackedHourglass(opts.nJoints, opts.nStack, opts.nChannels, opts.nReductions, opts.stemChannels)
+    n_ours, n_plain = models.count_parameters(ours), models.count_parameters(plain)
+    if n_ours != n_plain:
+        raise SystemExit(f'baseline has {n_plain} parameters, ours {n_ours}: not the same network')
+    amp_dtype = torch.bfloat16 if opts.amp else None
+    dtype = amp_dtype or torch.float32
+    b, (w, h), (ow, oh) = opts.data_loader_size, opts.inputRes.wh, opts.outputRes.wh
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(b, 3, h, w, generator=g)
+    batch = {'heatmap': torch.rand(b, opts.nJoints, oh, ow, generator=g), 'heatmap_weight': torch.ones(b, opts.nJoints)}
+
+    def our_loss(out):
+        return total_loss(codec.loss(out, batch))
+
+    def plain_loss(out):
+        return sum(((o - batch['heatmap']) ** 2).mean() for o in out)
+
+    fmt = torch.channels_last if opts.channelsLast else torch.contiguous_format
+    ours = ours.to(memory_format=fmt).train()
+    our_images = images.contiguous(memory_format=fmt)
+    plain.train()
+    flops = flops_per_image(ours, our_images, amp_dtype, our_loss)
+    flops_plain = flops_per_image(plain, images, amp_dtype, plain_loss)
+    steps = {
+        'ours': make_step(ours, build_optimizer(opts, ours.parameters()), our_loss, our_images, amp_dtype),
+        'plain': make_step(plain, plain_optimizer(opts, plain.parameters()), plain_loss, images, amp_dtype),
+    }
+    rates = {'matmul': [], 'ours': [], 'plain': []}
+    for _ in range(args.rounds):
+        rates['matmul'].append(matmul_rate(dtype))
+        for key, step in steps.items():
+            rates[key].append(step_rate(step, b, args.steps))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    dname = str(dtype).replace('torch.', '')
+    print(f'{name}: {opts.model} {opts.nStack} stacks x {opts.nChannels}, stem {opts.stemChannels}, input {h}x{w}, '
+          f'batch {b}, {opts.optimizer_type}, {dname}{" autocast" if amp_dtype else ""}, {n_ours:,} parameters, '
+          f'{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps')
+    print(f'  matmul 2048^3 {dname:9s}        {med["matmul"] / 1e9:8.1f} GFLOP/s')
+    print(f'  forward+backward FLOPs per image {flops / 1e9:8.3f} GFLOP (the baseline: {flops_plain / 1e9:.3f})')
+    for key, label in (('ours', 'ours (the trainer\'s step)'), ('plain', 'straightforward NCHW')):
+        achieved = med[key] * flops
+        print(f'  {label:30s} {med[key]:7.1f} img/s  {achieved / 1e9:7.1f} GFLOP/s  '
+              f'{100 * achieved / med["matmul"]:5.1f} % of matmul  (rounds: {", ".join(f"{x:.1f}" for x in rates[key])})')
+    print(f'  ratio ours / straightforward   {med["ours"] / med["plain"]:7.2f}x')
+    return med
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--case', choices=sorted(CASES) + ['all'], default='all')
+    p.add_argument('--rounds', type=int, default=5)
+    p.add_argument('--steps', type=int, default=6, help='training steps per round and side')
+    args = p.parse_args(argv)
+    for name in (sorted(CASES) if args.case == 'all' else [args.case]):
+        run_case(name, args)
+
+
+if __name__ == '__main__':
+    main()
