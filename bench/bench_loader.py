@@ -26,7 +26,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -120,15 +119,6 @@ class Reference:
         return x, torch.from_numpy(target), torch.from_numpy(weight)
 
 
-def rate(fn, n):
-    """Samples per CPU second of this process."""
-    fn(0)
-    t = time.process_time()
-    for i in range(n):
-        fn(i)
-    return n / (time.process_time() - t)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--fixtures', default=os.path.join(os.path.dirname(ROOT), 'shared', 'fixtures'))
@@ -138,6 +128,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     sys.path.insert(0, os.path.join(ROOT, 'bench'))
+    from bench_synthetic import rate
     from overfit import make_layout
     import opts as options
     from datasets import build_dataset
