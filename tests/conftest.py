@@ -14,3 +14,14 @@ def fixture_path(*parts):
     if not os.path.exists(path):
         pytest.skip(f'real-data fixture not found: {path} (it lives in ../shared/fixtures beside the repository)')
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (small models run faster so on the 2-core machines), the
+    previous count restored after it; modules opt in with ``pytestmark = pytest.mark.usefixtures('one_thread')``."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,12 +25,7 @@ TINY = ['--dataset', 'COCO', '--nJoints', '17', '--model', 'HigherHRNet', '--hrn
         '--visCount', '2', '--maxRotate', '30', '--maxTranslate', '0.2', '--maxPeople', '30']
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')   # torch on one thread (conftest)
 
 
 def coco_root(tmp_path):

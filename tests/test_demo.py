@@ -34,12 +34,7 @@ BOTTOM_UP = ['--dataset', 'COCO', '--nJoints', '17', '--model', 'HigherHRNet', '
              '--visCount', '0', '--maxPeople', '30', '--nEpochs', '1', '--LR', '1e-3', '--optimizer_type', 'Adam']
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')   # torch on one thread (conftest)
 
 
 def _train(root, name, args):

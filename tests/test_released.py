@@ -22,12 +22,7 @@ BASE = ['--dataset', 'Synthetic', '--nTrainSamples', '8', '--nValSamples', '6', 
         '--visCount', '0', '--flipTest']
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')   # torch on one thread (conftest)
 
 
 def pose_resnet_layout(depth_blocks, bottleneck, joints, deconv=256):
