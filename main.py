@@ -218,7 +218,7 @@ def _test(opts, d, device, model, codec, reader, dataset, exp_dir, split):
     from vis.plots import write_per_joint
     write_per_joint(os.path.join(exp_dir, 'per_joint.png'), result['table'], title)
     print_table(title, result['table'])
-    write_vis(os.path.join(exp_dir, 'test_vis.png'), result, reader.joint_set)
+    write_vis(os.path.join(exp_dir, 'test_vis.png'), result, reader.joint_set, codec.draw_threshold)
     print(f'predictions: {pred_path}; results in {exp_dir} '
           f'({", ".join(written(exp_dir, ("test_metrics.json", "test_metrics.txt", "per_joint.png", "test_vis.png")))})')
     return result

@@ -203,7 +203,7 @@ def build_parser():
     g.add_argument('--dataset', default='Synthetic', help='registered dataset name (Synthetic, MPII, COCO, LSP, LIP)')
     g.add_argument('--dataDir', default='data', help='root folder of the dataset files')
     g.add_argument('--nJoints', type=_ranged(int, 1), default=16, help='number of keypoints the model predicts (must match the dataset)')
-    g.add_argument('--inputRes', type=resolution(16), default=Resolution(256), help='input crop size in pixels, HEIGHTxWIDTH (256x192) or one number for a square; the person box is extended to its aspect ratio')
+    g.add_argument('--inputRes', type=resolution(16), default=Resolution(256), help='input crop size in pixels, HEIGHTxWIDTH (256x192) or one number for a square; the person box is extended to its aspect ratio (bottom-up: the image\'s shorter side onto the shorter input side)')
     g.add_argument('--outputRes', type=resolution(4), default=Resolution(64), help='heatmap size, HEIGHTxWIDTH (64x48) or one number for a square')
     g.add_argument('--hmGauss', type=_ranged(float, 0.1), default=2.0, help='sigma of the target Gaussian in heatmap pixels')
     g.add_argument('--maxScale', type=_ranged(float, 0.0, 0.9), default=0.25, help='scale augmentation: factor clipped to 1 +/- maxScale')

@@ -7,8 +7,11 @@ uniform in ``scale_range`` (0.75-1.5), onto the square input (512); a rotation u
 +/- ``max_rotate`` (30 degrees); a shift of the centre uniform in +/- ``max_translate`` (0.2, the
 authors' 40 in units of 200) of that box; a horizontal flip with probability 1/2. The loss mask
 (0 on crowd regions and on people without keypoints, and outside the image) goes through the same
-matrix. Testing (the authors' ``resize_align_multi_scale``): per test scale, the shorter side to
-scale x the input size and the longer one padded to a multiple of 64.
+matrix. A rectangular training input (``train_size``, not in the authors' code) takes the
+shorter image side onto its shorter side: at scale 1 and without a shift, the training input of
+an image of the input's aspect ratio is then its test input. Testing (the authors'
+``resize_align_multi_scale``): per test scale, the shorter side to scale x the input size and
+the longer one padded to a multiple of 64.
 
 The codec (target ``associative_embedding``, HigherHRNet's ``[heatmaps + tags at 1/4, heatmaps
 at 1/2]``):
@@ -40,15 +43,17 @@ class BottomUpPipeline:
     """Whole image + record (keypoints (N, K, 2), visible (N, K), optional 'mask' (H, W) uint8:
     1 where the loss counts) -> sample.
 
-    Training: dict(image (3, S, S), keypoints (N, K, 2) and visible (N, K) in input pixels, mask
-    (S, S) uint8, affine). Evaluation: dict(image at scale 1, image_scales [one (3, H_s, W_s) per
+    Training: dict(image (3, H, W) of ``train_size`` (W, H), keypoints (N, K, 2) and visible (N, K)
+    in input pixels, mask (H, W) uint8, affine). Evaluation: dict(image at scale 1, image_scales [one (3, H_s, W_s) per
     test scale], keypoints, visible, affine (scale 1), and the ``size`` (W, H) of scale 1 and the
     ``center`` / ``scale`` of the smallest scale, which map the people back).
     """
 
     def __init__(self, input_size, flip_perm, train=False, scale_range=(0.75, 1.5), max_rotate=30.0,
-                 max_translate=0.2, flip=True, test_scales=(1.0,)):
+                 max_translate=0.2, flip=True, test_scales=(1.0,), train_size=None):
         self.input_size = int(input_size[0]) if not np.isscalar(input_size) else int(input_size)
+        # (W, H) of the training inputs: the square input unless told otherwise
+        self.train_size = (self.input_size,) * 2 if train_size is None else tuple(int(v) for v in train_size)
         self.flip_perm = np.asarray(flip_perm)
         self.train = bool(train)
         self.scale_range = tuple(float(s) for s in scale_range)
@@ -69,18 +74,18 @@ class BottomUpPipeline:
 
     def _train(self, image, record, keypoints, visible, rng):
         h, w = image.shape[:2]
-        s = self.input_size
-        box = min(h, w) * rng.uniform(*self.scale_range)
+        tw, th = self.train_size
+        box = min(h, w) * rng.uniform(*self.scale_range)          # onto the input's shorter side
         rotation = rng.uniform(-self.max_rotate, self.max_rotate)
         shift = rng.uniform(-self.max_translate, self.max_translate, 2) * box if self.max_translate > 0 else np.zeros(2)
-        m = affine_matrix(np.array([w / 2.0, h / 2.0]) + shift, box, (s, s), rotation)
-        if self.flip and rng.random() < 0.5:            # mirror the input: x -> S - 1 - x
-            m = np.array([[-1.0, 0.0, s - 1.0], [0.0, 1.0, 0.0]]) @ np.vstack([m, [0, 0, 1]])
+        m = affine_matrix(np.array([w / 2.0, h / 2.0]) + shift, box * tw / min(tw, th), (tw, th), rotation)
+        if self.flip and rng.random() < 0.5:            # mirror the input: x -> W - 1 - x
+            m = np.array([[-1.0, 0.0, tw - 1.0], [0.0, 1.0, 0.0]]) @ np.vstack([m, [0, 0, 1]])
             keypoints, visible = keypoints[:, self.flip_perm], visible[:, self.flip_perm]
-        crop = cv2.warpAffine(image, m, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        crop = cv2.warpAffine(image, m, (tw, th), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         mask = record.get('mask')
         mask = np.ones((h, w), np.uint8) if mask is None else np.asarray(mask, np.uint8)
-        mask = cv2.warpAffine(mask * 255, m, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+        mask = cv2.warpAffine(mask * 255, m, (tw, th), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
         moved = transform_points(keypoints.reshape(-1, 2), m).reshape(keypoints.shape).astype(np.float32)
         return dict(image=normalize(crop), keypoints=moved, visible=visible, mask=(mask > 127).astype(np.uint8),
                     affine=m.astype(np.float32))
@@ -133,22 +138,27 @@ def gaussian_heatmaps(keypoints, visible, size, sigma):
 
 @register_codec('associative_embedding')
 class AssociativeEmbeddingCodec(Codec):
-    """See the module docstring. input_size: int (a square input); strides: of the model's
-    outputs (HigherHRNet: 4, 2); the first output holds K heatmaps then K tag maps."""
+    """See the module docstring. input_size: int, the test images' shorter side (and the side of
+    the square training inputs); train_size: (W, H) of rectangular training inputs instead
+    (``--inputRes 384x640``: the shorter image side, times the scale factor, onto the shorter
+    input side); strides: of the model's outputs (HigherHRNet: 4, 2); the first output holds K
+    heatmaps then K tag maps."""
     bottom_up = True
     eval_batch_size = 1          # test images keep their aspect ratio: one per batch
 
     def __init__(self, input_size, strides=(4, 2), num_joints=17, sigma=2.0, max_people=30, tag_factor=1e-3,
                  heatmap_factors=(1.0, 1.0), detection_threshold=0.1, tag_threshold=1.0, joint_order=None,
-                 test_scales=(1.0,), push_type='exp'):
+                 test_scales=(1.0,), push_type='exp', train_size=None):
         self.input_size = int(input_size)
+        self.train_size = (self.input_size,) * 2 if train_size is None else tuple(int(v) for v in train_size)
         self.push_type = str(push_type)
         self.test_scales = tuple(float(s) for s in test_scales)
         self.strides = tuple(int(s) for s in strides)
-        self.output_sizes = [(self.input_size // s, self.input_size // s) for s in self.strides]
+        tw, th = self.train_size
+        self.output_sizes = [(tw // s, th // s) for s in self.strides]
         if not 0 < float(sigma) <= min(self.output_sizes[0]) / 2.0:
             raise ConfigError(f'--hmGauss {sigma:g}: a Gaussian of this sigma does not fit the '
-                              f'{self.output_sizes[0][0]}x{self.output_sizes[0][0]} heatmap')
+                              f'{self.output_sizes[0][1]}x{self.output_sizes[0][0]} heatmap')
         self.num_joints = int(num_joints)
         self.sigma = float(sigma)
         self.max_people = int(max_people)
@@ -163,10 +173,8 @@ class AssociativeEmbeddingCodec(Codec):
     @classmethod
     def from_opts(cls, opts, model):
         h, w = opts.inputRes
-        if h != w:
-            raise ConfigError(f'--inputRes {opts.inputRes}: bottom-up training inputs are square (512, 640)')
-        return cls(h, getattr(model, 'strides', (model.stride,)), opts.nJoints, opts.hmGauss, opts.maxPeople,
-                   opts.tagLossFactor, test_scales=opts.testScales, push_type=opts.pushLoss)
+        return cls(min(h, w), getattr(model, 'strides', (model.stride,)), opts.nJoints, opts.hmGauss, opts.maxPeople,
+                   opts.tagLossFactor, test_scales=opts.testScales, push_type=opts.pushLoss, train_size=(w, h))
 
     def settings(self):
         return dict(target=self.target, input_size=self.input_size, strides=list(self.strides),
@@ -174,13 +182,20 @@ class AssociativeEmbeddingCodec(Codec):
                     tag_factor=self.tag_factor, heatmap_factors=list(self.heatmap_factors),
                     detection_threshold=self.detection_threshold, tag_threshold=self.tag_threshold,
                     joint_order=list(self.joint_order) if self.joint_order else None,
-                    test_scales=list(self.test_scales), push_type=self.push_type)
+                    test_scales=list(self.test_scales), push_type=self.push_type, train_size=list(self.train_size))
 
     def pipeline(self, opts, joint_set, train):
         """The whole-image pipeline of this codec's samples (``build_dataset`` asks for it)."""
         return BottomUpPipeline(self.input_size, joint_set.flip_permutation(), train=train,
                                 scale_range=opts.scaleRange, max_rotate=opts.maxRotate,
-                                max_translate=opts.maxTranslate, flip=opts.flipAug, test_scales=self.test_scales)
+                                max_translate=opts.maxTranslate, flip=opts.flipAug, test_scales=self.test_scales,
+                                train_size=self.train_size)
+
+    @property
+    def draw_threshold(self):
+        """A whole image's people include the grouping's low-scoring leftovers: drawings show the
+        people and joints at or above the detection threshold."""
+        return self.detection_threshold
 
     def encode(self, sample):
         """Targets per output resolution r: heatmap_r (K, H_r, W_r) and mask_r (H_r, W_r) float32;
@@ -192,7 +207,7 @@ class AssociativeEmbeddingCodec(Codec):
         mask = np.asarray(sample['mask'], np.float32)
         out = {}
         for r, size in enumerate(self.output_sizes):
-            ratio = size[0] / float(self.input_size)
+            ratio = size[0] / float(self.train_size[0])
             at = kp * ratio
             out[f'heatmap_{r}'] = gaussian_heatmaps(at, vis, size, self.sigma)
             small = cv2.resize(mask, size, interpolation=cv2.INTER_AREA)

@@ -71,6 +71,7 @@ class Codec:
     """Base class; see the module docstring for the contract."""
     target = None
     people_fields = ()        # extra sample fields whose length follows the number of people
+    draw_threshold = None     # drawings show the people and joints scoring at least this (None: all)
 
     @classmethod
     def from_opts(cls, opts, model):

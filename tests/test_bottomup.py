@@ -99,6 +99,41 @@ def test_bottom_up_pipeline_moves_people_and_mask_with_the_image():
         BottomUpPipeline(128, COCO.flip_permutation(), test_scales=(0.5, 2.0))
 
 
+def test_rectangular_training_inputs_frame_the_image_as_the_test_resize_does(tmp_path):
+    """--inputRes 128x192: the shorter image side (times the scale factor) onto the input's shorter
+    side, as the test resize puts it; at scale 1 without a shift the training crop is the test
+    image of a 3:2 picture pixel for pixel, and the targets follow the rectangle."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (300, 450, 3), np.uint8)
+    people = rng.uniform(20, 280, (2, 17, 2))
+    record = dict(keypoints=people, visible=np.ones((2, 17)))
+    perm = COCO.flip_permutation()
+    train = BottomUpPipeline(128, perm, train=True, scale_range=(1, 1), max_rotate=0, max_translate=0, flip=False,
+                             train_size=(192, 128))(image, record, np.random.default_rng(0))
+    test = BottomUpPipeline(128, perm)(image, record)
+    assert tuple(train['image'].shape) == (3, 128, 192) and train['mask'].shape == (128, 192)
+    assert np.allclose(train['affine'], test['affine'], atol=1e-4)
+    assert np.abs(np.asarray(train['image']) - np.asarray(test['image'])).max() < 1e-5
+    assert np.allclose(train['keypoints'], test['keypoints'], atol=1e-3)
+    o = tiny(tmp_path, '--inputRes', '128x192', '--outputRes', '32x48')
+    model = build_model(o)
+    codec = AssociativeEmbeddingCodec.from_opts(o, model)
+    assert codec.input_size == 128 and codec.output_sizes == [(48, 32), (96, 64)]
+    ds = build_dataset(o, 'train', codec)
+    batch = collate([ds[0], ds[1]])
+    assert batch['image'].shape == (2, 3, 128, 192) and batch['heatmap_1'].shape == (2, 17, 64, 96)
+    assert batch['mask_0'].shape == (2, 32, 48)
+    s = ds[2]
+    for n, j in np.argwhere(s['visible'] > 0):                # Gaussians peak on the joints
+        x, y = (int(v) for v in s['keypoints'][n, j] / 4)
+        if 0 <= x < 48 and 0 <= y < 32:
+            assert s['heatmap_0'][j, y, x] == pytest.approx(1.0)
+            assert s['tag_joints'][n][s['tag_joints'][n, :, 1] > 0, 0].tolist().count(j * 32 * 48 + y * 48 + x) == 1
+    terms = codec.loss(model(batch['image']), batch)
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert AssociativeEmbeddingCodec(**{k: v for k, v in codec.settings().items() if k != 'target'}).train_size == (192, 128)
+
+
 def test_targets_and_named_loss_terms(tmp_path):
     o = tiny(tmp_path)
     torch.manual_seed(0)
@@ -168,3 +203,34 @@ def test_higherhrnet_trains_tests_and_resumes_from_the_command_line(tmp_path):
     assert (tmp_path / 'bu' / 'results.json').is_file()
     predictor = Predictor.from_checkpoint(str(best))
     assert isinstance(predictor.codec, AssociativeEmbeddingCodec) and predictor.codec.test_scales == (1.0, 0.5)
+
+
+def test_drawings_of_whole_images_leave_out_the_groupings_low_scoring_people(tmp_path):
+    """vis.png / test_vis.png of a bottom-up model: people scoring under the detection threshold
+    (the grouping's leftovers) and joints under it are not drawn; top-down drawings show all."""
+    import cv2
+    from utils.trainer import write_vis
+    image = torch.zeros(3, 64, 96)
+    k = 17
+    good = np.stack([np.linspace(10, 80, k), np.linspace(10, 50, k)], 1)
+    stray = np.stack([np.full(k, 5.0), np.linspace(5, 60, k)], 1)
+    scores = np.full((2, k), 0.9)
+    scores[0, :3] = 0.05                      # three joints of the good person too weak to show
+    scores[1] = 0.02
+    kept = [dict(image=image, keypoints=np.zeros((0, k, 2)), visible=np.zeros((0, k)), affine=np.eye(2, 3),
+                 prediction=dict(keypoints=np.stack([good, stray]), scores=scores, score=scores.mean(1)))]
+
+    def read(threshold):
+        path = tmp_path / f'vis_{threshold}.png'
+        write_vis(str(path), dict(kept=kept), COCO, threshold)
+        return cv2.imread(str(path)).astype(int)
+
+    blank = read(1.0)                                       # no one scores 1: nothing drawn
+    everything, thresholded = (np.abs(read(t) - blank).max(axis=2) > 0 for t in (None, 0.1))
+    f = 256 / 96                                            # the tile's zoom
+    on = lambda p: thresholded[int(round((p[1] + 0.5) * f - 0.5)), int(round((p[0] + 0.5) * f - 0.5))]
+    seen = lambda p: everything[int(round((p[1] + 0.5) * f - 0.5)), int(round((p[0] + 0.5) * f - 0.5))]
+    assert all(seen(p) for p in stray) and not any(on(p) for p in stray)
+    assert all(on(p) for p in good[3:]) and not any(on(p) for p in good[:2])
+    codec = AssociativeEmbeddingCodec(128)
+    assert codec.draw_threshold == codec.detection_threshold == 0.1

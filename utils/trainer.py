@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -463,7 +464,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- helpers
     def write_vis(self, result, name='vis.png'):
-        return write_vis(os.path.join(self.exp_dir, name), result, self.joint_set)
+        return write_vis(os.path.join(self.exp_dir, name), result, self.joint_set, self.codec.draw_threshold)
 
     def _bar(self, loader, desc):
         if not (self.opts.progress and self.main):
@@ -473,16 +474,28 @@ class Trainer:
                     mininterval=0.5 if sys.stdout.isatty() else 10.0)
 
 
-def write_vis(path, result, joint_set):
+def write_vis(path, result, joint_set, threshold=None):
     """The evaluated crops kept by the predictor, each with its predicted people (mapped back into
-    the crop) over the ground truth; None when nothing was kept."""
+    the crop) over the ground truth; with a ``threshold``, only the people whose score and the
+    joints whose scores reach it. None when nothing was kept."""
     if not result.get('kept'):
         return None
     from vis.draw import save_prediction_grid
     kept = result['kept']
-    preds = [transform_points(k['prediction']['keypoints'], k['affine']) for k in kept]
+    preds, shown = [], []
+    for k in kept:
+        pred = k['prediction']
+        points = np.asarray(transform_points(pred['keypoints'], k['affine']), np.float64)
+        points = points.reshape(-1, joint_set.num_joints, 2)
+        joints = np.ones(points.shape[:2], bool)
+        if threshold is not None:
+            person = np.asarray(pred['score']).reshape(-1) >= threshold
+            points = points[person]
+            joints = np.asarray(pred['scores']).reshape(-1, joint_set.num_joints)[person] >= threshold
+        preds.append(points)
+        shown.append(joints)
     return save_prediction_grid(path, [k['image'] for k in kept], preds, [k['keypoints'] for k in kept],
-                                [k['visible'] for k in kept], joint_set)
+                                [k['visible'] for k in kept], joint_set, pred_visibles=shown)
 
 
 def _worker_init(_):

@@ -42,13 +42,16 @@ def draw_skeleton(image, joints, visible, joint_set, thickness=2, radius=3, name
     return out
 
 
-def save_prediction_grid(path, images, preds, gts, visibles, joint_set, size=256, cols=4):
+def save_prediction_grid(path, images, preds, gts, visibles, joint_set, size=256, cols=4, pred_visibles=None):
     """Write a PNG grid: each normalised crop tensor with its predicted people (thick) over the
     ground truth (thin, white). Per tile: preds (N, K, 2) and gts (M, K, 2) in crop pixels (one
-    person may be given as (K, 2)), visibles (M, K) of the ground truth."""
+    person may be given as (K, 2)), visibles (M, K) of the ground truth, pred_visibles (N, K) of
+    the predicted joints to draw (default: all)."""
     tiles = []
     white = {k: (255, 255, 255) for k in SIDE_COLOURS}
-    for img, pred, gt, vis in zip(images, preds, gts, visibles):
+    if pred_visibles is None:
+        pred_visibles = [None] * len(images)
+    for img, pred, gt, vis, shown in zip(images, preds, gts, visibles, pred_visibles):
         rgb = denormalize(img)
         f = size / rgb.shape[1]
         rgb = cv2.resize(rgb, (size, int(round(rgb.shape[0] * f))), interpolation=cv2.INTER_LINEAR)
@@ -56,8 +59,10 @@ def save_prediction_grid(path, images, preds, gts, visibles, joint_set, size=256
         k = joint_set.num_joints
         for person, v in zip(np.reshape(gt, (-1, k, 2)), np.reshape(vis, (-1, k))):
             rgb = draw_skeleton(rgb, (person + 0.5) * f - 0.5, v, joint_set, thickness=1, radius=2, colours=white)
-        for person in np.reshape(pred, (-1, k, 2)):
-            rgb = draw_skeleton(rgb, (person + 0.5) * f - 0.5, np.ones(k), joint_set, thickness=2, radius=3)
+        pred = np.reshape(pred, (-1, k, 2))
+        shown = np.ones(pred.shape[:2]) if shown is None else np.reshape(shown, (-1, k))
+        for person, v in zip(pred, shown):
+            rgb = draw_skeleton(rgb, (person + 0.5) * f - 0.5, v, joint_set, thickness=2, radius=3)
         tiles.append(rgb)
     if not tiles:
         return None
