@@ -228,9 +228,11 @@ def test_drawings_of_whole_images_leave_out_the_groupings_low_scoring_people(tmp
     blank = read(1.0)                                       # no one scores 1: nothing drawn
     everything, thresholded = (np.abs(read(t) - blank).max(axis=2) > 0 for t in (None, 0.1))
     f = 256 / 96                                            # the tile's zoom
-    on = lambda p: thresholded[int(round((p[1] + 0.5) * f - 0.5)), int(round((p[0] + 0.5) * f - 0.5))]
-    seen = lambda p: everything[int(round((p[1] + 0.5) * f - 0.5)), int(round((p[0] + 0.5) * f - 0.5))]
-    assert all(seen(p) for p in stray) and not any(on(p) for p in stray)
-    assert all(on(p) for p in good[3:]) and not any(on(p) for p in good[:2])
+
+    def at(drawn, points):                                  # drawn at each joint's pixel in the tile
+        return [drawn[int(round((y + 0.5) * f - 0.5)), int(round((x + 0.5) * f - 0.5))] for x, y in points]
+
+    assert all(at(everything, stray)) and not any(at(thresholded, stray))
+    assert all(at(thresholded, good[3:])) and not any(at(thresholded, good[:2]))
     codec = AssociativeEmbeddingCodec(128)
     assert codec.draw_threshold == codec.detection_threshold == 0.1
