@@ -556,6 +556,15 @@ class Synthetic(Reader):
         self.res = int(getattr(opts, 'syntheticRes', 256))
         seed = int(getattr(opts, 'seed', 0))
         self.records = [self.make_record(record_seed(seed, split, i), self.res, i) for i in range(n)]
+        # rendered images kept for the next epochs in one array of as many as --syntheticCacheMB
+        # holds (allocated at the first render, filled as they come; each process that renders
+        # keeps its own: the main one with --nThreads 0, as the quick start trains). One block,
+        # not an array per image: thousands of kept 200 KB arrays would make every later large
+        # allocation a fresh mmap (glibc), costing more system time than the rendering saved.
+        per_image = self.res * self.res * 3
+        self.cache_size = min(n, (int(getattr(opts, 'syntheticCacheMB', 0)) << 20) // per_image)
+        self._cache = None
+        self._cached = np.zeros(self.cache_size, bool)
 
     @staticmethod
     def make_record(seed, res, index=0):
@@ -568,8 +577,20 @@ class Synthetic(Reader):
 
     def load_image(self, record):
         """-> uint8 RGB (res, res, 3), rendered from the record's seed (deterministic); the
-        person's geometry kept in the record (``person``) spares drawing it again every epoch."""
-        return render(record['seed'], self.res, record.get('person'))
+        person's geometry kept in the record (``person``) spares drawing it again every epoch, and
+        the image itself is kept (read-only) while ``--syntheticCacheMB`` allows: the same pixels,
+        rendered once."""
+        i = record['index']
+        if i >= self.cache_size or record is not self.records[i]:
+            return render(record['seed'], self.res, record.get('person'))
+        if not self._cached[i]:
+            if self._cache is None:
+                self._cache = np.empty((self.cache_size, self.res, self.res, 3), np.uint8)
+            self._cache[i] = render(record['seed'], self.res, record.get('person'))
+            self._cached[i] = True
+        image = self._cache[i]
+        image.flags.writeable = False       # a view: the pipeline reads it, never writes into it
+        return image
 
     def export(self, out_dir, n):
         """Write the first ``n`` records in the HRNet / SimpleBaselines MPII json layout.

@@ -60,7 +60,7 @@ def test_split_sizes_caps_and_resolution():
 
 
 def test_deterministic_per_seed_split_index():
-    a, b = Synthetic(make_opts(), 'val'), Synthetic(make_opts(), 'val')
+    a, b = Synthetic(make_opts('--syntheticCacheMB', '0'), 'val'), Synthetic(make_opts(), 'val')
     for i in (0, 7):
         np.testing.assert_array_equal(a.records[i]['keypoints'], b.records[i]['keypoints'])
         np.testing.assert_array_equal(a.load_image(a.records[i]), b.load_image(b.records[i]))
@@ -167,6 +167,39 @@ def test_export_command_line(tmp_path):
     entries = json.load(open(os.path.join(str(tmp_path), 'annot', 'valid.json')))
     assert len(entries) == 2
     assert all(os.path.isfile(os.path.join(str(tmp_path), 'images', e['image'])) for e in entries)
+
+
+def test_render_cache_keeps_the_rendered_pixels_within_its_budget():
+    fresh = Synthetic(make_opts('--syntheticCacheMB', '0', '--syntheticRes', '512'), 'val')
+    # 1 MB holds one 512 x 512 image (768 KB), not two
+    cached = Synthetic(make_opts('--syntheticCacheMB', '1', '--syntheticRes', '512'), 'val')
+    assert cached.cache_size == 1 and fresh.cache_size == 0
+    first, second = cached.records[:2]
+    image = cached.load_image(first)
+    assert not image.flags.writeable and np.shares_memory(cached.load_image(first), image)
+    np.testing.assert_array_equal(image, fresh.load_image(fresh.records[0]))
+    again = cached.load_image(second)
+    assert not np.shares_memory(cached.load_image(second), again) and again.flags.writeable
+    np.testing.assert_array_equal(again, fresh.load_image(fresh.records[1]))
+    # a record that is not this reader's (another split's) is rendered, never taken from the cache
+    other = Synthetic(make_opts('--syntheticRes', '512'), 'train').records[0]
+    np.testing.assert_array_equal(cached.load_image(other), fresh.load_image(other))
+
+
+def test_render_cache_gives_the_same_training_samples():
+    """Two epochs of samples (augmented crops and targets) with and without the cache: the
+    pipeline reads the cached image, never writes into it."""
+    codec = HeatmapCodec(64, 16, 1.0)
+    sets = [build_dataset(make_opts('--inputRes', '64', '--outputRes', '16', '--syntheticRes', '96',
+                                    '--syntheticCacheMB', mb), 'train', codec) for mb in ('0', '8')]
+    for epoch in (0, 1):
+        for ds in sets:
+            ds.epoch = epoch
+        for i in range(3):
+            a, b = sets[0][i], sets[1][i]
+            np.testing.assert_array_equal(a['image'], b['image'])
+            np.testing.assert_array_equal(a['heatmap'], b['heatmap'])
+    assert sets[1].reader._cached.sum() == 3 and sets[0].reader._cache is None
 
 
 @pytest.mark.parametrize('split', ['train', 'val'])
