@@ -18,8 +18,8 @@ matmul throughput, and the ratio ours / straightforward.
 
 Cases: ``paper``: the paper-shaped hourglass (2 stacks x 256 features, 128 px input, batch 8,
 RMSprop, float32); ``quickstart``: the README's quick-start model as it trains
-(conf/models/hourglass_quick.defconf: 2 stacks x 96, stem 64, 128 px, batch 16, Adam, bfloat16
-autocast).
+(conf/models/hourglass_quick.defconf: 2 stacks x 96 with 3 reductions, stem 32, 128 px, batch
+16, Adam, bfloat16 autocast).
 """
 import argparse
 import os
@@ -193,7 +193,8 @@ def run_case(name, args):
             rates[key].append(step_rate(step, b, args.steps))
     med = {k: statistics.median(v) for k, v in rates.items()}
     dname = str(dtype).replace('torch.', '')
-    print(f'{name}: {opts.model} {opts.nStack} stacks x {opts.nChannels}, stem {opts.stemChannels}, input {h}x{w}, '
+    print(f'{name}: {opts.model} {opts.nStack} stacks x {opts.nChannels}, {opts.nReductions} reductions, '
+          f'stem {opts.stemChannels}, input {h}x{w}, '
           f'batch {b}, {opts.optimizer_type}, {dname}{" autocast" if amp_dtype else ""}, {n_ours:,} parameters, '
           f'{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps')
     print(f'  matmul 2048^3 {dname:9s}        {med["matmul"] / 1e9:8.1f} GFLOP/s')

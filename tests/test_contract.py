@@ -424,8 +424,10 @@ def test_quick_start_config_first_steps_give_the_recorded_losses(threads):
     The sample contract left them exactly as before it (0.22704839706420898,
     0.06960536539554596); matching the reference code's test path bit for bit then changed the
     input normalisation to ToTensor-then-Normalize order and the crop's affine to HRNet's
-    three-point float32 construction, which moves the last bits of every input: these are the
-    values since."""
+    three-point float32 construction, which moves the last bits of every input (0.2269653727610906,
+    0.06484880795081456); the quick-start model then became a quarter-width stem and 2-reduction
+    hourglasses (a faster quick start): these are its values. After 6 steps no validation joint
+    is within half a head size yet."""
     import tempfile
     threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -435,9 +437,9 @@ def test_quick_start_config_first_steps_give_the_recorded_losses(threads):
             '--nTrainSamples', '48', '--nValSamples', '16', '--nEpochs', '2', '--LRSteps', '1', '--valInterval', '2',
             '--visCount', '0', '--progress', 'false', '--expDir', tmp, '--expID', 'q'])
         history = json.load(open(os.path.join(tmp, 'q', 'metrics.json')))
-    assert [h['train_loss'] for h in history] == pytest.approx([0.2269653727610906, 0.06484880795081456], rel=1e-6)
-    assert [h['train_acc'] for h in history] == pytest.approx([0.024826388888888887, 0.018315972222222223], rel=1e-6)
-    assert result['headline'] == pytest.approx(0.9049773755656109, rel=1e-6)      # DARK decoding, as the config
+    assert [h['train_loss'] for h in history] == pytest.approx([0.21472841997941336, 0.05925881862640381], rel=1e-6)
+    assert [h['train_acc'] for h in history] == pytest.approx([0.024826388888888887, 0.03142361111111111], rel=1e-6)
+    assert result['headline'] == 0.0
 
 
 def test_mpii_test_split_writes_the_test_persons_predictions(tmp_path):

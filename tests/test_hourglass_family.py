@@ -170,16 +170,18 @@ def test_stem_channels_narrow_only_the_stem():
 def test_quick_start_config_builds_the_narrow_stem_hourglass():
     o = opts.parse(['-DataConfig', 'conf/datasets/synthetic.defconf',
                     '-ModelConfig', 'conf/models/hourglass_quick.defconf'])
-    assert (o.stemChannels, o.nChannels, o.nStack, o.inputRes, o.outputRes) == (64, 96, 2, (128, 128), (32, 32))
+    assert (o.stemChannels, o.nChannels, o.nStack, o.nReductions, o.inputRes, o.outputRes) == \
+        (32, 96, 2, 2, (128, 128), (32, 32))
     with torch.device('meta'):
         quick = build_model(o)
-        paper_stem = build_model(opts.parse(['--nStack', '2', '--nChannels', '96']))
+        paper_stem = build_model(opts.parse(['--nStack', '2', '--nChannels', '96', '--nReductions', '2']))
         out = quick(torch.empty(1, 3, 128, 128))
     assert [tuple(y.shape) for y in out] == [(1, 16, 32, 32)] * 2
     # only the stem differs from the paper's layout, and it is the smaller part
     stem = count_parameters(quick.stem)
     assert count_parameters(quick) - stem == count_parameters(paper_stem) - count_parameters(paper_stem.stem)
     assert stem < count_parameters(paper_stem.stem) / 2
+    assert count_parameters(quick) == 561_696       # the README's count
 
 
 def test_pose_attention_is_not_the_plain_hourglass():
