@@ -1,6 +1,6 @@
 """How close a training step on the CPU comes to the machine's limit.
 
-    python bench/bench_train.py [--case paper|quickstart|all] [--rounds 5] [--steps 6]
+    python bench/bench_train.py [--case paper|quickstart|all] [--rounds 5] [--steps 6] [trainer options]
 
 For each case, in one process and alternating rounds:
 
@@ -18,8 +18,13 @@ matmul throughput, and the ratio ours / straightforward.
 
 Cases: ``paper``: the paper-shaped hourglass (2 stacks x 256 features, 128 px input, batch 8,
 RMSprop, float32); ``quickstart``: the README's quick-start model as it trains
-(conf/models/hourglass_quick.defconf: 2 stacks x 96 with 3 reductions, stem 32, 128 px, batch
+(conf/models/hourglass_quick.defconf: 2 stacks x 96 with 2 reductions, stem 32, 128 px, batch
 16, Adam, bfloat16 autocast).
+
+As the trainer does, ours trains its BatchNorm-ReLU pairs through the fused kernels
+(``--fusedBNReLU``, models/fused.py); ``--keepFreedMemory`` (glibc's malloc keeps freed memory
+for reuse) is a setting of the process, so it holds for both sides (``--keepFreedMemory false``
+measures both without it).
 """
 import argparse
 import os
@@ -36,8 +41,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import models  # noqa: E402
+from models import fused  # noqa: E402
 import opts as options  # noqa: E402
 from datasets.codecs import build_codec  # noqa: E402
+from utils.cpu import keep_freed_memory  # noqa: E402
 from utils.trainer import build_optimizer, total_loss  # noqa: E402
 
 CASES = {
@@ -155,7 +162,10 @@ def flops_per_image(model, images, amp_dtype, loss_fn):
 
 
 def run_case(name, args):
-    opts = options.parse(CASES[name])
+    opts = options.parse(CASES[name] + args.extra)
+    fused.set_enabled(opts.fusedBNReLU)
+    if opts.fusedBNReLU and opts.channelsLast and not fused.load():
+        print(f'  (the fused kernels could not be built: {fused.error()})')
     torch.manual_seed(0)
     ours = models.build_model(opts)
     codec = build_codec(opts, ours)
@@ -197,6 +207,8 @@ def run_case(name, args):
           f'stem {opts.stemChannels}, input {h}x{w}, '
           f'batch {b}, {opts.optimizer_type}, {dname}{" autocast" if amp_dtype else ""}, {n_ours:,} parameters, '
           f'{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps')
+    print(f'  fused BatchNorm-ReLU (ours) {"on" if opts.fusedBNReLU and fused.load() else "off"}, '
+          f'keep freed memory (both) {"on" if args.keep else "off"}')
     print(f'  matmul 2048^3 {dname:9s}        {med["matmul"] / 1e9:8.1f} GFLOP/s')
     print(f'  forward+backward FLOPs per image {flops / 1e9:8.3f} GFLOP (the baseline: {flops_plain / 1e9:.3f})')
     for key, label in (('ours', 'ours (the trainer\'s step)'), ('plain', 'straightforward NCHW')):
@@ -212,7 +224,10 @@ def main(argv=None):
     p.add_argument('--case', choices=sorted(CASES) + ['all'], default='all')
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--steps', type=int, default=6, help='training steps per round and side')
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    args.extra = extra      # trainer options (--fusedBNReLU false, --keepFreedMemory false, ...)
+    keep = options.parse(extra).keepFreedMemory
+    args.keep = keep and keep_freed_memory()
     for name in (sorted(CASES) if args.case == 'all' else [args.case]):
         run_case(name, args)
 

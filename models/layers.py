@@ -9,17 +9,49 @@ module; ``scale`` is the downsampling of the block's input relative to the hourg
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import fused
+
+
+def _bn_then_relu(bn, relu, x):
+    """``relu(bn(x))``: one fused kernel when training on channels-last CPU tensors (models.fused)."""
+    if type(relu) is nn.ReLU and fused.can_fuse(bn, x):
+        return fused.bn_relu(bn, x)
+    return relu(bn(x))
+
+
+class BNReLU(nn.Sequential):
+    """BatchNorm followed by an in-place ReLU (the pre-activation of a residual branch).
+
+    A ``Sequential`` of the two modules (their parameter names), trained through the fused
+    kernels of ``models.fused`` where they apply.
+    """
+
+    def __init__(self, channels):
+        super().__init__(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return _bn_then_relu(self[0], self[1], x)
+
+
+class ConvBNReLU(nn.Sequential):
+    """Post-activation convolution: conv (with bias, as in the Torch code) - BN - ReLU."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=1, stride=1):
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return _bn_then_relu(self[1], self[2], self[0](x))
+
 
 def bn_relu(channels):
-    """BatchNorm followed by an in-place ReLU (the pre-activation of a residual branch)."""
-    return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+    """BatchNorm followed by an in-place ReLU (``BNReLU``)."""
+    return BNReLU(channels)
 
 
 def conv_bn_relu(in_channels, out_channels, kernel_size=1, stride=1):
-    """Post-activation convolution: conv (with bias, as in the Torch code) - BN - ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2),
-        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    """conv - BN - ReLU (``ConvBNReLU``)."""
+    return ConvBNReLU(in_channels, out_channels, kernel_size, stride)
 
 
 def skip_layer(in_channels, out_channels):

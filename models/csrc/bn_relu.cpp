@@ -1,0 +1,299 @@
+// Training-mode BatchNorm followed by ReLU, forward and backward, on channels-last CPU tensors.
+//
+// Eager PyTorch trains BatchNorm2d + ReLU as separate kernels (statistics, normalisation,
+// clamp; then the ReLU mask, the batch-norm reductions and the input gradient), each a pass
+// over the activation with bfloat16 <-> float conversions. These kernels compute the same
+// function in two passes forward and two backward. An (N, C, H, W) channels-last tensor is
+// N*H*W rows of C contiguous values; each thread takes a range of rows, in blocks of kBlock rows
+// (L1-resident), and within a block walks 16 channels at a time down the rows, so that the
+// accumulators stay in vector registers. Statistics are summed in float within a block and in
+// double across blocks and threads. What is computed, as ATen's batch norm does:
+//   mean, biased variance (two passes), invstd = 1 / sqrt(var + eps),
+//   y = max(0, x * (w * invstd) + (b - mean * w * invstd)),
+//   running stats r = (1 - momentum) r + momentum * stat (the unbiased variance),
+// and backward, with the ReLU mask taken from the output y (as ATen's threshold_backward):
+//   dv = y > 0 ? dy : 0, db = sum dv, dw = invstd * sum dv (x - mean),
+//   dx = (dv - db / M - (x - mean) * invstd^2 * sum dv (x - mean) / M) * w * invstd.
+// The channel count must be a multiple of 16 (models/fused.py falls back otherwise).
+// Built at run time by models/fused.py (torch.utils.cpp_extension) as torch.ops.posefast.*.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define POSEFAST_AVX512BF16 1
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // rows per block
+constexpr int kW = 16;          // channels per step (one 512-bit vector of float)
+
+// ----------------------------------------------------------------------------- 16 values
+
+// GCC/Clang vector extensions: one 512-bit register on AVX-512, two or four narrower ones
+// elsewhere; the compiler emits the machine's instructions (-march=native).
+typedef float vf __attribute__((vector_size(4 * kW)));
+typedef int32_t vi __attribute__((vector_size(4 * kW)));
+typedef uint32_t vu __attribute__((vector_size(4 * kW)));
+typedef uint16_t vh __attribute__((vector_size(2 * kW)));
+
+inline vf splat(float v) { return vf{} + v; }
+inline vf loadf(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline vf relu(vf v) { return v > 0.f ? v : vf{}; }
+inline vf where_positive(vf o, vf g) { return o > 0.f ? g : vf{}; }
+
+struct F32 {
+  using storage = float;
+  static inline vf load(const float* p) { return loadf(p); }
+  static inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+};
+
+struct BF16 {
+  using storage = uint16_t;
+  static inline vf load(const uint16_t* p) {
+    vh h;
+    std::memcpy(&h, p, sizeof h);
+    const vu u = __builtin_convertvector(h, vu) << 16;
+    vf v;
+    std::memcpy(&v, &u, sizeof v);
+    return v;
+  }
+  static inline void store(uint16_t* p, vf v) {  // round to nearest even, as c10::BFloat16
+#ifdef POSEFAST_AVX512BF16
+    const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(v));
+    std::memcpy(p, &h, sizeof h);
+#else
+    vu u;
+    std::memcpy(&u, &v, sizeof u);
+    const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const vu bits = (u & 0x7fffffffu) > 0x7f800000u ? vu{} + 0x7fc0u : rounded;
+    const vh h = __builtin_convertvector(bits, vh);
+    std::memcpy(p, &h, sizeof h);
+#endif
+  }
+};
+
+// ----------------------------------------------------------------------------- passes
+
+// Calls fn(b0, b1) for blocks of rows in parallel; fn receives the thread's index too.
+template <typename Fn>
+void for_blocks(int64_t rows, Fn fn) {
+  at::parallel_for(0, rows, 4 * kBlock, [&](int64_t begin, int64_t end) {
+    const int t = at::get_thread_num();
+    for (int64_t b0 = begin; b0 < end; b0 += kBlock) fn(t, b0, std::min(end, b0 + kBlock));
+  });
+}
+
+// Per-channel sums of one or two quantities of each element: q(v, c, out0, out1) with v the 16
+// loaded values of channels c..c+15 of one row (and g, o: the same of the other tensors).
+struct Sums {
+  int nt;
+  int64_t C;
+  std::vector<double> partial;  // [thread][2][C]
+  Sums(int64_t channels) : nt(at::get_num_threads()), C(channels), partial(static_cast<size_t>(nt) * 2 * channels, 0.0) {}
+  double* of(int t) { return partial.data() + static_cast<size_t>(t) * 2 * C; }
+  std::vector<double> total() const {
+    std::vector<double> s(2 * C, 0.0);
+    for (int t = 0; t < nt; ++t)
+      for (int64_t k = 0; k < 2 * C; ++k) s[k] += partial[static_cast<size_t>(t) * 2 * C + k];
+    return s;
+  }
+};
+
+// y = relu(x * scale + shift): the same float operations forward and backward (the backward
+// pass recomputes the ReLU mask from x, bit for bit the forward's).
+void scale_shift(const float* w, const float* b, const float* mean, const float* invstd, int64_t C,
+                 float* scale, float* shift) {
+  for (int64_t c = 0; c < C; ++c) {
+    scale[c] = w[c] * invstd[c];
+    shift[c] = b[c] - mean[c] * scale[c];
+  }
+}
+
+void check_input(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "posefast: ", name, " must be a channels-last contiguous 4-d tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "posefast: ", name, " must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) % kW == 0, "posefast: ", name, " has ", x.size(1),
+              " channels, not a multiple of ", kW);
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& x, at::Tensor& y, const float* w, const float* b, float eps,
+                  float* mean_out, float* invstd_out, std::vector<double>& mean_d,
+                  std::vector<double>& var_d) {
+  using S = typename T::storage;
+  const int64_t C = x.size(1), rows = x.numel() / C;
+  const S* xp = reinterpret_cast<const S*>(x.const_data_ptr());
+  S* yp = reinterpret_cast<S*>(y.mutable_data_ptr());
+
+  // One pass: sums of d = x - K and of d^2, K = the first row (a sample of each channel, so
+  // that E[d^2] - E[d]^2 does not cancel catastrophically when |mean| >> std).
+  std::vector<float> pivot(C);
+  for (int64_t c0 = 0; c0 < C; c0 += kW) {
+    const vf k = T::load(xp + c0);
+    std::memcpy(pivot.data() + c0, &k, sizeof k);
+  }
+  Sums sums(C);
+  for_blocks(rows, [&](int t, int64_t b0, int64_t b1) {
+    double* mine = sums.of(t);
+    for (int64_t c0 = 0; c0 < C; c0 += kW) {
+      vf s1{}, s2{};
+      const vf k = loadf(pivot.data() + c0);
+      for (int64_t r = b0; r < b1; ++r) {
+        const vf d = T::load(xp + r * C + c0) - k;
+        s1 += d;
+        s2 += d * d;
+      }
+      for (int j = 0; j < kW; ++j) mine[c0 + j] += s1[j], mine[C + c0 + j] += s2[j];
+    }
+  });
+  const std::vector<double> total = sums.total();
+  mean_d.resize(C);
+  var_d.resize(C);
+  std::vector<float> scale(C), shift(C);
+  const double n = static_cast<double>(rows);
+  for (int64_t c = 0; c < C; ++c) {
+    const double m1 = total[c] / n;
+    mean_d[c] = pivot[c] + m1;
+    var_d[c] = std::max(total[C + c] / n - m1 * m1, 0.0);
+    mean_out[c] = static_cast<float>(mean_d[c]);
+    invstd_out[c] = static_cast<float>(1.0 / std::sqrt(var_d[c] + static_cast<double>(eps)));
+  }
+  scale_shift(w, b, mean_out, invstd_out, C, scale.data(), shift.data());
+  for_blocks(rows, [&](int, int64_t b0, int64_t b1) {
+    for (int64_t c0 = 0; c0 < C; c0 += kW) {
+      const vf sc = loadf(scale.data() + c0), sh = loadf(shift.data() + c0);
+      for (int64_t r = b0; r < b1; ++r)
+        T::store(yp + r * C + c0, relu(T::load(xp + r * C + c0) * sc + sh));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_forward(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor running_mean,
+    at::Tensor running_var, double momentum, double eps) {
+  check_input(x, "input");
+  const int64_t C = x.size(1);
+  for (const at::Tensor* t :
+       std::initializer_list<const at::Tensor*>{&weight, &bias, &running_mean, &running_var})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == C,
+                "posefast: batch-norm parameters and buffers must be contiguous float32 of ", C,
+                " values");
+  const int64_t rows = x.numel() / C;
+  TORCH_CHECK(rows > 1, "posefast: expected more than 1 value per channel when training");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({C}, weight.options());
+  at::Tensor invstd = at::empty({C}, weight.options());
+  std::vector<double> mean_d, var_d;
+  const float* w = weight.const_data_ptr<float>();
+  const float* b = bias.const_data_ptr<float>();
+  if (x.scalar_type() == at::kBFloat16)
+    forward_impl<BF16>(x, y, w, b, static_cast<float>(eps), mean.mutable_data_ptr<float>(),
+                       invstd.mutable_data_ptr<float>(), mean_d, var_d);
+  else
+    forward_impl<F32>(x, y, w, b, static_cast<float>(eps), mean.mutable_data_ptr<float>(),
+                      invstd.mutable_data_ptr<float>(), mean_d, var_d);
+  float* rm = running_mean.mutable_data_ptr<float>();
+  float* rv = running_var.mutable_data_ptr<float>();
+  const double unbias = static_cast<double>(rows) / static_cast<double>(rows - 1);
+  for (int64_t c = 0; c < C; ++c) {
+    rm[c] = static_cast<float>((1.0 - momentum) * rm[c] + momentum * mean_d[c]);
+    rv[c] = static_cast<float>((1.0 - momentum) * rv[c] + momentum * var_d[c] * unbias);
+  }
+  return {y, mean, invstd};
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& dy, const at::Tensor& x, const float* w, const float* bias,
+                   const float* mean, const float* invstd, at::Tensor& dx, float* dw, float* db) {
+  using S = typename T::storage;
+  const int64_t C = x.size(1), rows = x.numel() / C;
+  const S* dyp = reinterpret_cast<const S*>(dy.const_data_ptr());
+  const S* xp = reinterpret_cast<const S*>(x.const_data_ptr());
+  S* dxp = reinterpret_cast<S*>(dx.mutable_data_ptr());
+  std::vector<float> scale(C), shift(C);
+  scale_shift(w, bias, mean, invstd, C, scale.data(), shift.data());
+
+  Sums s(C);  // [sum dv (C), sum dv * (x - mean) (C)]
+  for_blocks(rows, [&](int t, int64_t b0, int64_t b1) {
+    double* mine = s.of(t);
+    for (int64_t c0 = 0; c0 < C; c0 += kW) {
+      vf a0{}, a1{};
+      const vf mu = loadf(mean + c0), sc = loadf(scale.data() + c0), sh = loadf(shift.data() + c0);
+      for (int64_t r = b0; r < b1; ++r) {
+        const int64_t at = r * C + c0;
+        const vf v = T::load(xp + at);
+        const vf dv = where_positive(v * sc + sh, T::load(dyp + at));
+        a0 += dv;
+        a1 += dv * (v - mu);
+      }
+      for (int j = 0; j < kW; ++j) mine[c0 + j] += a0[j], mine[C + c0 + j] += a1[j];
+    }
+  });
+  const std::vector<double> sums = s.total();
+  std::vector<float> mean_dv(C), k(C);
+  const double n = static_cast<double>(rows);
+  for (int64_t c = 0; c < C; ++c) {
+    db[c] = static_cast<float>(sums[c]);
+    dw[c] = static_cast<float>(sums[C + c] * invstd[c]);
+    mean_dv[c] = static_cast<float>(sums[c] / n);
+    k[c] = static_cast<float>(sums[C + c] / n * invstd[c] * invstd[c]);
+  }
+  for_blocks(rows, [&](int, int64_t b0, int64_t b1) {
+    for (int64_t c0 = 0; c0 < C; c0 += kW) {
+      const vf mu = loadf(mean + c0), md = loadf(mean_dv.data() + c0), kk = loadf(k.data() + c0);
+      const vf sc = loadf(scale.data() + c0), sh = loadf(shift.data() + c0);
+      for (int64_t r = b0; r < b1; ++r) {
+        const int64_t at = r * C + c0;
+        const vf v = T::load(xp + at);
+        const vf dv = where_positive(v * sc + sh, T::load(dyp + at));
+        T::store(dxp + at, (dv - md - (v - mu) * kk) * sc);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& mean, const at::Tensor& invstd) {
+  check_input(x, "input");
+  at::Tensor dy = grad_out.to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(dy.sizes() == x.sizes(), "posefast: gradient and input differ in shape");
+  const int64_t C = x.size(1);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dw = at::empty({C}, weight.options());
+  at::Tensor db = at::empty({C}, weight.options());
+  const float* w = weight.const_data_ptr<float>();
+  const float* b = bias.const_data_ptr<float>();
+  if (x.scalar_type() == at::kBFloat16)
+    backward_impl<BF16>(dy, x, w, b, mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(),
+                        dx, dw.mutable_data_ptr<float>(), db.mutable_data_ptr<float>());
+  else
+    backward_impl<F32>(dy, x, w, b, mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(),
+                       dx, dw.mutable_data_ptr<float>(), db.mutable_data_ptr<float>());
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(posefast, m) {
+  m.def("bn_relu_forward(Tensor x, Tensor weight, Tensor bias, Tensor(a!) running_mean, "
+        "Tensor(b!) running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor mean, "
+        "Tensor invstd) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(posefast, CPU, m) {
+  m.impl("bn_relu_forward", &bn_relu_forward);
+  m.impl("bn_relu_backward", &bn_relu_backward);
+}

@@ -1,0 +1,115 @@
+"""Fused BatchNorm + ReLU for training on the CPU (models/csrc/bn_relu.cpp).
+
+Eager PyTorch trains ``BatchNorm2d`` + ``ReLU`` as separate kernels, and its channels-last
+bfloat16 batch norm runs far below the memory's speed; these kernels compute the same function
+in two passes forward and two backward. They are built once per machine, on first use, with the
+C++ compiler (``torch.utils.cpp_extension``; about half a minute, cached under
+``TORCH_EXTENSIONS_DIR``), and used only where they compute exactly what the modules compute:
+a training-mode ``nn.BatchNorm2d`` (affine, running statistics, a momentum) on a channels-last
+float32 or bfloat16 CPU tensor, followed by a ReLU. Everywhere else (evaluation, CUDA, NCHW,
+SyncBatchNorm, ``--fusedKernels false``) the modules run as they are. Parameter names and
+counts do not change: checkpoints load either way.
+
+Where no compiler is found the build fails once, the reason is printed once, and the modules
+run unfused.
+"""
+import hashlib
+import os
+import platform
+import sys
+import threading
+
+import torch
+import torch.nn as nn
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'bn_relu.cpp')
+_CFLAGS = ['-O3', '-march=native', '-ffp-contract=off', '-fopenmp']
+_state = {'enabled': True, 'loaded': None, 'error': None}
+_lock = threading.Lock()
+
+
+def set_enabled(flag):
+    """Turn the fused kernels on or off for this process (the trainer's ``--fusedKernels``)."""
+    _state['enabled'] = bool(flag)
+
+
+def enabled():
+    return _state['enabled']
+
+
+def _build_name():
+    """The extension's name: one build per CPU model and compiler flags (``-march=native`` code
+    must not run on another machine sharing the cache, e.g. a cluster's home folder)."""
+    flags = ''
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line for line in f if line.startswith(('flags', 'Features'))), '')
+    except OSError:
+        pass
+    key = '|'.join([flags, platform.machine(), platform.processor(), torch.__version__, ' '.join(_CFLAGS)])
+    return 'posefast_bn_relu_' + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def load():
+    """Build (once per machine) and load the kernels; True when ``torch.ops.posefast`` is usable.
+
+    Never raises: a failed build is reported once on stderr and the caller falls back.
+    """
+    if _state['loaded'] is not None:
+        return _state['loaded']
+    with _lock:
+        if _state['loaded'] is None:
+            try:
+                from torch.utils import cpp_extension
+                name = _build_name()
+                built = os.path.join(cpp_extension._get_build_directory(name, False), name + '.so')
+                if not os.path.exists(built):
+                    print('models.fused: building the fused BatchNorm-ReLU kernels (once per machine, '
+                          'about 15 s)', file=sys.stderr, flush=True)
+                cpp_extension.load(name=name, sources=[_SOURCE], is_python_module=False,
+                                   extra_cflags=_CFLAGS, verbose=False)
+                _state['loaded'] = hasattr(torch.ops.posefast, 'bn_relu_forward')
+            except Exception as e:  # no compiler, no ninja, a read-only cache: run unfused
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                first_error = next((ln for ln in lines if 'error' in ln.lower()), lines[-1] if lines else '')
+                _state['loaded'], _state['error'] = False, f'{type(e).__name__}: {first_error}'
+                print(f'models.fused: fused BatchNorm-ReLU kernels unavailable ({_state["error"]}); '
+                      f'training runs the unfused modules', file=sys.stderr)
+    return _state['loaded']
+
+
+def error():
+    """Why the kernels could not be built (None when they were, or were not tried)."""
+    return _state['error']
+
+
+class _BNReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd = torch.ops.posefast.bn_relu_forward(x, weight, bias, running_mean, running_var,
+                                                             momentum, eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.posefast.bn_relu_backward(grad, x, weight, bias, mean, invstd)
+        return dx, dw, db, None, None, None, None
+
+
+def can_fuse(bn, x):
+    """Whether the fused kernels compute exactly ``relu(bn(x))`` for this module and input."""
+    return (_state['enabled'] and bn.training and type(bn) is nn.BatchNorm2d and bn.affine
+            and bn.track_running_stats and bn.momentum is not None and x.device.type == 'cpu'
+            and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
+            and bn.weight.dtype == torch.float32 and bn.weight.device.type == 'cpu'
+            and x.shape[1] % 16 == 0 and x.shape[0] * x.shape[2] * x.shape[3] > 1
+            and x.is_contiguous(memory_format=torch.channels_last) and load())
+
+
+def bn_relu(bn, x):
+    """``relu(bn(x))`` for a training ``nn.BatchNorm2d`` on channels-last CPU tensors, fused."""
+    bn.num_batches_tracked.add_(1)
+    return _BNReLUFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                 float(bn.momentum), float(bn.eps))

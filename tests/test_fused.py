@@ -1,0 +1,181 @@
+"""The fused BatchNorm-ReLU kernels (models/fused.py, models/csrc/bn_relu.cpp) and the CPU
+allocator setting (utils/cpu.py): the same function as the modules, where they apply."""
+import copy
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import fused
+from models.layers import BNReLU, ConvBNReLU, Residual
+from models.hourglass import StackedHourglass
+from utils.cpu import keep_freed_memory
+
+needs_kernels = pytest.mark.skipif(not fused.load(), reason=f'fused kernels not built here: {fused.error()}')
+
+
+def channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def random_bn(channels, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(channels, generator=g) + 0.5)
+        bn.bias.copy_(torch.rand(channels, generator=g) - 0.5)
+        bn.running_mean.copy_(torch.randn(channels, generator=g))
+        bn.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
+    return bn
+
+
+def run(fn, bn, x, grad):
+    x = x.clone().requires_grad_()
+    y = fn(bn, x)
+    y.backward(grad)
+    return y, x.grad, bn.weight.grad, bn.bias.grad
+
+
+@needs_kernels
+@pytest.mark.parametrize('shape', [(4, 16, 9, 7), (2, 48, 8, 8), (3, 32, 1, 1)])
+def test_matches_float64_reference(shape):
+    torch.manual_seed(0)
+    # an offset mean: the one-pass statistics must not cancel
+    x = channels_last(torch.randn(*shape) * 3 + 20)
+    grad = channels_last(torch.randn(*shape))
+    bn = random_bn(shape[1])
+    ref_bn = copy.deepcopy(bn).double()
+    y, dx, dw, db = run(fused.bn_relu, bn, x, grad)
+    ry, rdx, rdw, rdb = run(lambda m, t: F.relu(m(t)), ref_bn, x.double(), grad.double())
+    for ours, ref in ((y, ry), (dx, rdx), (dw, rdw), (db, rdb), (bn.running_mean, ref_bn.running_mean),
+                      (bn.running_var, ref_bn.running_var)):
+        scale = ref.abs().max().item() + 1e-6
+        assert (ours.double() - ref).abs().max().item() <= 2e-5 * scale
+    assert int(bn.num_batches_tracked) == 1 == int(ref_bn.num_batches_tracked)
+    assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
+    assert (y >= 0).all() and (y == 0).any()
+
+
+@needs_kernels
+def test_bfloat16_matches_the_modules_to_bfloat16_rounding():
+    torch.manual_seed(1)
+    x = channels_last(torch.randn(4, 32, 8, 8)).bfloat16()
+    grad = channels_last(torch.randn(4, 32, 8, 8)).bfloat16()
+    bn = random_bn(32)
+    native = copy.deepcopy(bn)
+    y, dx, dw, db = run(fused.bn_relu, bn, x, grad)
+    ny, ndx, ndw, ndb = run(lambda m, t: F.relu(m(t)), native, x, grad)
+    assert y.dtype == dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    # outputs within one bfloat16 rounding step of the modules' (8 bits of mantissa)
+    assert ((y.float() - ny.float()).abs() <= ny.float().abs() / 128 + 1e-2).all()
+    assert ((dx.float() - ndx.float()).abs() <= ndx.float().abs().max() / 64).all()
+    assert torch.allclose(dw, ndw, rtol=1e-3, atol=1e-3) and torch.allclose(db, ndb, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(bn.running_var, native.running_var, rtol=1e-5)
+
+
+@needs_kernels
+def test_deterministic_bit_for_bit():
+    x = channels_last(torch.randn(8, 64, 16, 16))
+    grad = channels_last(torch.randn(8, 64, 16, 16))
+    a = run(fused.bn_relu, random_bn(64), x, grad)
+    b = run(fused.bn_relu, random_bn(64), x, grad)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@needs_kernels
+def test_modules_use_the_kernels_only_where_they_apply(monkeypatch):
+    calls = []
+    real = fused.bn_relu
+    monkeypatch.setattr(fused, 'bn_relu', lambda bn, x: calls.append(tuple(x.shape)) or real(bn, x))
+    block = BNReLU(16)
+    assert [k for k, _ in block.state_dict().items()] == [
+        '0.weight', '0.bias', '0.running_mean', '0.running_var', '0.num_batches_tracked']
+    x = torch.randn(2, 16, 4, 4)
+    block(channels_last(x))
+    assert calls == [(2, 16, 4, 4)]
+    block(x)                                   # NCHW: the modules
+    block.eval()(channels_last(x))             # evaluation: the modules
+    BNReLU(8).train()(channels_last(torch.randn(2, 8, 4, 4)))    # 8 channels: not a multiple of 16
+    fused.set_enabled(False)
+    try:
+        BNReLU(16).train()(channels_last(x))   # --fusedBNReLU false
+    finally:
+        fused.set_enabled(True)
+    assert calls == [(2, 16, 4, 4)]
+    conv = ConvBNReLU(3, 16, 3)
+    assert list(conv.state_dict())[:2] == ['0.weight', '0.bias']
+    conv(channels_last(torch.randn(2, 3, 8, 8)))
+    assert calls[-1] == (2, 16, 8, 8)
+
+
+@needs_kernels
+def test_hourglass_training_step_matches_float64():
+    """A float32 training step of a small hourglass through the fused kernels against the same
+    network in float64 (the modules): the loss, every gradient and the running statistics."""
+    torch.manual_seed(0)
+    net = StackedHourglass(num_joints=16, num_stacks=2, channels=32, num_reductions=2, stem_channels=32)
+    net = net.to(memory_format=torch.channels_last).train()
+    ref = copy.deepcopy(net).double()
+    x = channels_last(torch.randn(2, 3, 64, 64))
+    target = torch.rand(2, 16, 16, 16)
+    calls = []
+    real = fused.bn_relu
+
+    def step(model, xx, tt):
+        loss = sum(((o - tt) ** 2).mean() for o in model(xx))
+        loss.backward()
+        return loss.item()
+
+    fused.bn_relu = lambda bn, t: calls.append(1) or real(bn, t)
+    try:
+        loss = step(net, x, target)
+    finally:
+        fused.bn_relu = real
+    assert len(calls) == sum(isinstance(m, (BNReLU, ConvBNReLU)) for m in net.modules()) > 40
+    assert loss == pytest.approx(step(ref, x.double(), target.double()), rel=1e-6)
+    checked = 0
+    for (name, p), r in zip(net.named_parameters(), ref.parameters()):
+        scale = r.grad.abs().max().item()
+        if scale < 1e-6:        # the biases of convolutions followed by BatchNorm: no gradient
+            continue
+        assert (p.grad.double() - r.grad).abs().max().item() <= 1e-4 * scale, name
+        checked += 1
+    assert checked > 100
+    for b, c in zip(net.buffers(), ref.buffers()):
+        assert torch.allclose(b.double(), c.double(), rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+def test_kernel_rejects_what_it_does_not_compute():
+    bn = random_bn(16)
+    args = (bn.weight, bn.bias, bn.running_mean, bn.running_var, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match='channels-last'):
+        torch.ops.posefast.bn_relu_forward(torch.randn(2, 16, 3, 3).transpose(2, 3), *args)
+    with pytest.raises(RuntimeError, match='multiple of 16'):
+        torch.ops.posefast.bn_relu_forward(channels_last(torch.randn(2, 8, 3, 3)), *args)
+    with pytest.raises(RuntimeError, match='float32 or bfloat16'):
+        torch.ops.posefast.bn_relu_forward(channels_last(torch.randn(2, 16, 3, 3)).double(), *args)
+
+
+def test_a_failed_build_falls_back_with_one_message(monkeypatch, tmp_path, capsys):
+    bad = tmp_path / 'broken.cpp'
+    bad.write_text('this is not C++\n')
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path / 'ext'))
+    monkeypatch.setattr(fused, '_SOURCE', str(bad))
+    monkeypatch.setattr(fused, '_build_name', lambda: 'posefast_broken_test')
+    monkeypatch.setattr(fused, '_state', {'enabled': True, 'loaded': None, 'error': None})
+    assert fused.load() is False and fused.load() is False
+    err = capsys.readouterr().err
+    assert err.count('fused BatchNorm-ReLU kernels unavailable') == 1 and 'training runs the unfused modules' in err
+    assert fused.error()
+    block = BNReLU(16)
+    x = channels_last(torch.randn(2, 16, 4, 4))
+    assert torch.equal(block(x), F.relu(copy.deepcopy(block)(x)))
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc only')
+def test_keep_freed_memory_applies_once():
+    assert keep_freed_memory() is True
+    assert keep_freed_memory() is True
