@@ -2,7 +2,7 @@
 
     python bench/bench_train.py [--case paper|quickstart|all] [--rounds 5] [--steps 6] [trainer options]
 
-For each case, in one process and alternating rounds:
+For each case, in alternating rounds:
 
 * the matrix-multiply throughput of the case's dtype (a 2048 x 2048 x 2048 ``torch.mm``), the
   machine's limit for dense compute on these threads;
@@ -10,7 +10,8 @@ For each case, in one process and alternating rounds:
   backward, the optimiser's step, ``zero_grad``) on the registered model, with the trainer's
   memory layout and optimiser; no data loading (one fixed batch);
 * a straightforward implementation of the same network, written here: the same layers and
-  parameter count in NCHW, PyTorch's default optimiser implementation, the loss written out;
+  parameter count in NCHW, PyTorch's default optimiser implementation, the loss written out, in
+  a process of its own with PyTorch's defaults (its rounds run while this process waits);
 
 and prints images/s, the forward+backward FLOPs per image (PyTorch's FLOP counter, ``torch.utils.
 flop_counter``: convolutions and matrix multiplies), the achieved FLOP/s as a share of the
@@ -21,14 +22,16 @@ RMSprop, float32); ``quickstart``: the README's quick-start model as it trains
 (conf/models/hourglass_quick.defconf: 2 stacks x 96 with 2 reductions, stem 32, 128 px, batch
 16, Adam, bfloat16 autocast).
 
-As the trainer does, ours trains its BatchNorm-ReLU pairs through the fused kernels
-(``--fusedBNReLU``, models/fused.py); ``--keepFreedMemory`` (glibc's malloc keeps freed memory
-for reuse) is a setting of the process, so it holds for both sides (``--keepFreedMemory false``
-measures both without it).
+As the trainer does, ours trains its bfloat16 BatchNorm-ReLU pairs through the fused kernels
+(``--fusedBNReLU``, models/fused.py; the same step with them off is measured too) and keeps
+freed memory in its heap (``--keepFreedMemory``, utils/cpu.py: a setting of the process, which
+is why the baseline runs in another one). Trainer options after the bench's own switch those
+off (``--fusedBNReLU false --keepFreedMemory false``).
 """
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -144,6 +147,16 @@ def make_step(model, optimizer, loss_fn, images, amp_dtype):
     return step
 
 
+def unfused(step):
+    def run():
+        fused.set_enabled(False)
+        try:
+            step()
+        finally:
+            fused.set_enabled(True)
+    return run
+
+
 def step_rate(step, batch, steps):
     step()
     t = time.perf_counter()
@@ -161,61 +174,116 @@ def flops_per_image(model, images, amp_dtype, loss_fn):
     return counter.get_total_flops() / images.shape[0]
 
 
-def run_case(name, args):
-    opts = options.parse(CASES[name] + args.extra)
-    fused.set_enabled(opts.fusedBNReLU)
-    if opts.fusedBNReLU and opts.channelsLast and not fused.load():
-        print(f'  (the fused kernels could not be built: {fused.error()})')
-    torch.manual_seed(0)
-    ours = models.build_model(opts)
-    codec = build_codec(opts, ours)
-    plain = PlainStackedHourglass(opts.nJoints, opts.nStack, opts.nChannels, opts.nReductions, opts.stemChannels)
-    n_ours, n_plain = models.count_parameters(ours), models.count_parameters(plain)
-    if n_ours != n_plain:
-        raise SystemExit(f'baseline has {n_plain} parameters, ours {n_ours}: not the same network')
-    amp_dtype = torch.bfloat16 if opts.amp else None
-    dtype = amp_dtype or torch.float32
+def setup(name, extra):
+    """The case's options, a fixed batch (images NCHW, heatmap targets) and the autocast dtype."""
+    opts = options.parse(CASES[name] + extra)
     b, (w, h), (ow, oh) = opts.data_loader_size, opts.inputRes.wh, opts.outputRes.wh
     g = torch.Generator().manual_seed(1)
     images = torch.randn(b, 3, h, w, generator=g)
     batch = {'heatmap': torch.rand(b, opts.nJoints, oh, ow, generator=g), 'heatmap_weight': torch.ones(b, opts.nJoints)}
+    return opts, images, batch, (torch.bfloat16 if opts.amp else None)
 
-    def our_loss(out):
-        return total_loss(codec.loss(out, batch))
+
+def baseline_worker(name, extra):
+    """The straightforward side, in its own process with PyTorch's defaults: one line per round."""
+    opts, images, batch, amp_dtype = setup(name, extra)
+    torch.manual_seed(0)
+    plain = PlainStackedHourglass(opts.nJoints, opts.nStack, opts.nChannels, opts.nReductions, opts.stemChannels).train()
 
     def plain_loss(out):
         return sum(((o - batch['heatmap']) ** 2).mean() for o in out)
 
+    flops = flops_per_image(plain, images, amp_dtype, plain_loss)
+    step = make_step(plain, plain_optimizer(opts, plain.parameters()), plain_loss, images, amp_dtype)
+    print(f'ready {models.count_parameters(plain)} {flops}', flush=True)
+    for line in sys.stdin:
+        if not line.startswith('round'):
+            break
+        print(step_rate(step, images.shape[0], int(line.split()[1])), flush=True)
+
+
+class Baseline:
+    """The worker process of ``baseline_worker``; ``round(steps)`` runs one round there while
+    this process waits (the two never compute at the same time)."""
+
+    def __init__(self, name, extra):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--baseline-worker', name, *extra],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = self.proc.stdout.readline().split()
+        if not ready or ready[0] != 'ready':
+            raise SystemExit(f'the baseline process for {name} did not start (exit code {self.proc.poll()})')
+        self.params, self.flops = int(ready[1]), float(ready[2])
+
+    def round(self, steps):
+        self.proc.stdin.write(f'round {steps}\n')
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.stdin.write('quit\n')
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def run_case(name, args):
+    opts, images, batch, amp_dtype = setup(name, args.extra)
+    keep = opts.keepFreedMemory and keep_freed_memory()      # as the trainer does; this process only
+    fused.set_enabled(opts.fusedBNReLU)
+    with_fused = opts.fusedBNReLU and opts.channelsLast and fused.load()
+    torch.manual_seed(0)
+    ours = models.build_model(opts)
+    codec = build_codec(opts, ours)
+    n_ours = models.count_parameters(ours)
+    dtype = amp_dtype or torch.float32
+    b, (w, h) = opts.data_loader_size, opts.inputRes.wh
+
+    def our_loss(out):
+        return total_loss(codec.loss(out, batch))
+
     fmt = torch.channels_last if opts.channelsLast else torch.contiguous_format
     ours = ours.to(memory_format=fmt).train()
     our_images = images.contiguous(memory_format=fmt)
-    plain.train()
     flops = flops_per_image(ours, our_images, amp_dtype, our_loss)
-    flops_plain = flops_per_image(plain, images, amp_dtype, plain_loss)
-    steps = {
-        'ours': make_step(ours, build_optimizer(opts, ours.parameters()), our_loss, our_images, amp_dtype),
-        'plain': make_step(plain, plain_optimizer(opts, plain.parameters()), plain_loss, images, amp_dtype),
-    }
-    rates = {'matmul': [], 'ours': [], 'plain': []}
-    for _ in range(args.rounds):
-        rates['matmul'].append(matmul_rate(dtype))
-        for key, step in steps.items():
-            rates[key].append(step_rate(step, b, args.steps))
+    our_step = make_step(ours, build_optimizer(opts, ours.parameters()), our_loss, our_images, amp_dtype)
+    steps = {'ours': our_step}
+    # the same step with the modules unfused: what the kernels gain, in this run (bfloat16 only:
+    # float32 runs the modules anyway)
+    with_fused = with_fused and amp_dtype in fused.DTYPES
+    if with_fused:
+        steps['unfused'] = unfused(our_step)
+    baseline = Baseline(name, args.extra)
+    if baseline.params != n_ours:
+        raise SystemExit(f'baseline has {baseline.params} parameters, ours {n_ours}: not the same network')
+    rates = {'matmul': [], 'plain': [], **{k: [] for k in steps}}
+    try:
+        for _ in range(args.rounds):
+            rates['matmul'].append(matmul_rate(dtype))
+            for key, step in steps.items():
+                rates[key].append(step_rate(step, b, args.steps))
+            rates['plain'].append(baseline.round(args.steps))
+    finally:
+        baseline.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
     dname = str(dtype).replace('torch.', '')
     print(f'{name}: {opts.model} {opts.nStack} stacks x {opts.nChannels}, {opts.nReductions} reductions, '
           f'stem {opts.stemChannels}, input {h}x{w}, '
           f'batch {b}, {opts.optimizer_type}, {dname}{" autocast" if amp_dtype else ""}, {n_ours:,} parameters, '
           f'{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps')
-    print(f'  fused BatchNorm-ReLU (ours) {"on" if opts.fusedBNReLU and fused.load() else "off"}, '
-          f'keep freed memory (both) {"on" if args.keep else "off"}')
+    print(f'  ours: fused BatchNorm-ReLU {"on" if with_fused else "off"}, keep freed memory {"on" if keep else "off"}; '
+          f'the straightforward one in its own process with PyTorch\'s defaults')
     print(f'  matmul 2048^3 {dname:9s}        {med["matmul"] / 1e9:8.1f} GFLOP/s')
-    print(f'  forward+backward FLOPs per image {flops / 1e9:8.3f} GFLOP (the baseline: {flops_plain / 1e9:.3f})')
-    for key, label in (('ours', 'ours (the trainer\'s step)'), ('plain', 'straightforward NCHW')):
+    print(f'  forward+backward FLOPs per image {flops / 1e9:8.3f} GFLOP (the baseline: {baseline.flops / 1e9:.3f})')
+    lines = [('ours', 'ours (the trainer\'s step)'), ('plain', 'straightforward NCHW')]
+    if with_fused:
+        lines.insert(1, ('unfused', 'ours, BatchNorm-ReLU unfused'))
+    for key, label in lines:
         achieved = med[key] * flops
         print(f'  {label:30s} {med[key]:7.1f} img/s  {achieved / 1e9:7.1f} GFLOP/s  '
               f'{100 * achieved / med["matmul"]:5.1f} % of matmul  (rounds: {", ".join(f"{x:.1f}" for x in rates[key])})')
     print(f'  ratio ours / straightforward   {med["ours"] / med["plain"]:7.2f}x')
+    if with_fused:
+        paired = statistics.median(x / y for x, y in zip(rates['ours'], rates['unfused']))
+        print(f'  ratio fused / unfused          {paired:7.2f}x (median of the rounds\' ratios)')
     return med
 
 
@@ -224,10 +292,11 @@ def main(argv=None):
     p.add_argument('--case', choices=sorted(CASES) + ['all'], default='all')
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--steps', type=int, default=6, help='training steps per round and side')
+    p.add_argument('--baseline-worker', default=None, help=argparse.SUPPRESS)
     args, extra = p.parse_known_args(argv)
     args.extra = extra      # trainer options (--fusedBNReLU false, --keepFreedMemory false, ...)
-    keep = options.parse(extra).keepFreedMemory
-    args.keep = keep and keep_freed_memory()
+    if args.baseline_worker:
+        return baseline_worker(args.baseline_worker, extra)
     for name in (sorted(CASES) if args.case == 'all' else [args.case]):
         run_case(name, args)
 

@@ -1,13 +1,17 @@
 """Fused BatchNorm + ReLU for training on the CPU (models/csrc/bn_relu.cpp).
 
-Eager PyTorch trains ``BatchNorm2d`` + ``ReLU`` as separate kernels, and its channels-last
-bfloat16 batch norm runs far below the memory's speed; these kernels compute the same function
-in two passes forward and two backward. They are built once per machine, on first use, with the
-C++ compiler (``torch.utils.cpp_extension``; about half a minute, cached under
-``TORCH_EXTENSIONS_DIR``), and used only where they compute exactly what the modules compute:
-a training-mode ``nn.BatchNorm2d`` (affine, running statistics, a momentum) on a channels-last
-float32 or bfloat16 CPU tensor, followed by a ReLU. Everywhere else (evaluation, CUDA, NCHW,
-SyncBatchNorm, ``--fusedKernels false``) the modules run as they are. Parameter names and
+Eager PyTorch trains ``BatchNorm2d`` + ``ReLU`` as separate kernels (statistics, normalisation,
+clamp; the ReLU mask, the batch-norm reductions, the input gradient), each a pass over the
+activation with bfloat16 <-> float conversions, and a Python-side autograd node per pair would
+cost as much again. These kernels compute the same function in one pass of statistics and one
+of normalisation forward, two passes backward, with the autograd node in C++. They are built
+once per machine, on first use, with the C++ compiler (``torch.utils.cpp_extension``, about
+15 s, cached under ``TORCH_EXTENSIONS_DIR``), and used only where they compute what the modules
+compute: a training-mode ``nn.BatchNorm2d`` (affine, running statistics, a momentum) followed
+by a ReLU, on a channels-last bfloat16 CPU tensor (the ``--amp`` autocast) with a multiple of
+16 channels. They compute float32 as well (the tests compare that with float64), but no faster
+than the modules, so float32 training runs the modules. Everywhere else (evaluation, CUDA,
+NCHW, SyncBatchNorm, ``--fusedBNReLU false``) the modules run as they are. Parameter names and
 counts do not change: checkpoints load either way.
 
 Where no compiler is found the build fails once, the reason is printed once, and the modules
@@ -23,6 +27,8 @@ import torch
 import torch.nn as nn
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'bn_relu.cpp')
+# input dtypes that run fused: bfloat16 (autocast), where the quick-start step runs 1.1x the modules'
+DTYPES = (torch.bfloat16,)
 _CFLAGS = ['-O3', '-march=native', '-ffp-contract=off', '-fopenmp']
 _state = {'enabled': True, 'loaded': None, 'error': None}
 _lock = threading.Lock()
@@ -68,7 +74,7 @@ def load():
                           'about 15 s)', file=sys.stderr, flush=True)
                 cpp_extension.load(name=name, sources=[_SOURCE], is_python_module=False,
                                    extra_cflags=_CFLAGS, verbose=False)
-                _state['loaded'] = hasattr(torch.ops.posefast, 'bn_relu_forward')
+                _state['loaded'] = hasattr(torch.ops.posefast, 'bn_relu_train')
             except Exception as e:  # no compiler, no ninja, a read-only cache: run unfused
                 lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
                 first_error = next((ln for ln in lines if 'error' in ln.lower()), lines[-1] if lines else '')
@@ -83,26 +89,11 @@ def error():
     return _state['error']
 
 
-class _BNReLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        y, mean, invstd = torch.ops.posefast.bn_relu_forward(x, weight, bias, running_mean, running_var,
-                                                             momentum, eps)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        dx, dw, db = torch.ops.posefast.bn_relu_backward(grad, x, weight, bias, mean, invstd)
-        return dx, dw, db, None, None, None, None
-
-
 def can_fuse(bn, x):
     """Whether the fused kernels compute exactly ``relu(bn(x))`` for this module and input."""
     return (_state['enabled'] and bn.training and type(bn) is nn.BatchNorm2d and bn.affine
             and bn.track_running_stats and bn.momentum is not None and x.device.type == 'cpu'
-            and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dim() == 4 and x.dtype in DTYPES
             and bn.weight.dtype == torch.float32 and bn.weight.device.type == 'cpu'
             and x.shape[1] % 16 == 0 and x.shape[0] * x.shape[2] * x.shape[3] > 1
             and x.is_contiguous(memory_format=torch.channels_last) and load())
@@ -111,5 +102,5 @@ def can_fuse(bn, x):
 def bn_relu(bn, x):
     """``relu(bn(x))`` for a training ``nn.BatchNorm2d`` on channels-last CPU tensors, fused."""
     bn.num_batches_tracked.add_(1)
-    return _BNReLUFunction.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                 float(bn.momentum), float(bn.eps))
+    return torch.ops.posefast.bn_relu_train(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                            float(bn.momentum), float(bn.eps))

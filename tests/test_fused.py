@@ -76,6 +76,14 @@ def test_bfloat16_matches_the_modules_to_bfloat16_rounding():
 
 
 @needs_kernels
+def test_float32_runs_the_modules_by_default():
+    assert fused.DTYPES == (torch.bfloat16,)
+    bn = random_bn(16).train()
+    x = channels_last(torch.randn(2, 16, 4, 4))
+    assert not fused.can_fuse(bn, x) and fused.can_fuse(bn, x.bfloat16())
+
+
+@needs_kernels
 def test_deterministic_bit_for_bit():
     x = channels_last(torch.randn(8, 64, 16, 16))
     grad = channels_last(torch.randn(8, 64, 16, 16))
@@ -86,6 +94,7 @@ def test_deterministic_bit_for_bit():
 
 @needs_kernels
 def test_modules_use_the_kernels_only_where_they_apply(monkeypatch):
+    monkeypatch.setattr(fused, 'DTYPES', (torch.float32,))
     calls = []
     real = fused.bn_relu
     monkeypatch.setattr(fused, 'bn_relu', lambda bn, x: calls.append(tuple(x.shape)) or real(bn, x))
@@ -111,13 +120,14 @@ def test_modules_use_the_kernels_only_where_they_apply(monkeypatch):
 
 
 @needs_kernels
-def test_hourglass_training_step_matches_float64():
+def test_hourglass_training_step_matches_float64(monkeypatch):
     """A float32 training step of a small hourglass through the fused kernels against the same
     network in float64 (the modules): the loss, every gradient and the running statistics."""
     torch.manual_seed(0)
     net = StackedHourglass(num_joints=16, num_stacks=2, channels=32, num_reductions=2, stem_channels=32)
     net = net.to(memory_format=torch.channels_last).train()
     ref = copy.deepcopy(net).double()
+    monkeypatch.setattr(fused, 'DTYPES', (torch.float32,))
     x = channels_last(torch.randn(2, 3, 64, 64))
     target = torch.rand(2, 16, 16, 16)
     calls = []
