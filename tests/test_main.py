@@ -10,6 +10,7 @@ import torch
 import main as main_module
 import opts as options
 from datasets.codecs import HeatmapCodec
+from models import fused
 from utils import checkpoint
 from utils import trainer as trainer_module
 from utils.errors import PoseError
@@ -42,11 +43,18 @@ def test_training_run_leaves_its_artefacts(tmp_path):
     assert {k: v for k, v in vars(again).items() if k not in skip} == {k: v for k, v in vars(first).items() if k not in skip}
 
 
-@pytest.mark.parametrize('extra', [[], ['--LRPolicy', 'cosine', '--warmupEpochs', '0.5', '--amp',
-                                          '--optimizer_type', 'Adam']],
-                         ids=['step-rmsprop', 'cosine-warmup-bf16-fused-adam'])
+@pytest.mark.parametrize('extra', [
+    [], ['--LRPolicy', 'cosine', '--warmupEpochs', '0.5', '--amp', '--optimizer_type', 'Adam'],
+    pytest.param(['--amp', '--optimizer_type', 'Adam', '--nChannels', '16', '--stemChannels', '32'],
+                 marks=pytest.mark.skipif(not fused.load(), reason=f'fused kernels not built here: {fused.error()}'))],
+    ids=['step-rmsprop', 'cosine-warmup-bf16-fused-adam', 'bf16-fused-bn-relu'])
 def test_resume_equals_uninterrupted_training(tmp_path, monkeypatch, extra):
+    calls = []
+    if '--nChannels' in extra:      # 16 channels: the BatchNorm-ReLU pairs of 16 run fused
+        real = fused.bn_relu
+        monkeypatch.setattr(fused, 'bn_relu', lambda bn, x: calls.append(1) or real(bn, x))
     run(tmp_path, 'full', '--nEpochs', '2', *extra)
+    assert bool(calls) == ('--nChannels' in extra)
     # the same 2-epoch run, interrupted when the second epoch starts (the cosine schedule
     # depends on nEpochs, so the interrupted run must be the same run)
     train_epoch = trainer_module.Trainer.train_epoch
