@@ -196,7 +196,7 @@ class Trainer:
         if self.device.type == 'cpu':
             if opts.keepFreedMemory:
                 keep_freed_memory()
-            if opts.fusedBNReLU and opts.channelsLast:
+            if opts.fusedBNReLU and opts.channelsLast and opts.amp:
                 fused.load()    # built here, before the first step, when this machine has no build yet
         # channels-last runs the convolutions 1.3-1.5x faster on the CPU (oneDNN) and on tensor cores;
         # the predictor holds the bare model: each rank evaluates its shard, and a DDP forward would

@@ -3,19 +3,20 @@
 // Eager PyTorch trains BatchNorm2d + ReLU as separate kernels (statistics, normalisation,
 // clamp; then the ReLU mask, the batch-norm reductions and the input gradient), each a pass
 // over the activation with bfloat16 <-> float conversions. These kernels compute the same
-// function in two passes forward and two backward. An (N, C, H, W) channels-last tensor is
-// N*H*W rows of C contiguous values; each thread takes a range of rows, in blocks of kBlock rows
-// (L1-resident), and within a block walks 16 channels at a time down the rows, so that the
-// accumulators stay in vector registers. Statistics are summed in float within a block and in
-// double across blocks and threads. What is computed, as ATen's batch norm does:
-//   mean, biased variance (two passes), invstd = 1 / sqrt(var + eps),
-//   y = max(0, x * (w * invstd) + (b - mean * w * invstd)),
+// function in two passes forward (statistics, normalisation) and two backward (reductions,
+// input gradient). An (N, C, H, W) channels-last tensor is N*H*W rows of C contiguous values;
+// each thread streams through a range of rows, 16 channels (one vector) at a time. Sums are kept
+// in float over blocks of kBlock rows and in double across blocks and threads. What is computed:
+//   K = the first row; mean = K + E[x - K], biased variance = E[(x - K)^2] - E[x - K]^2
+//   (shifted by a sample of each channel so that the difference does not cancel),
+//   invstd = 1 / sqrt(var + eps), y = max(0, x * (w * invstd) + (b - mean * w * invstd)),
 //   running stats r = (1 - momentum) r + momentum * stat (the unbiased variance),
-// and backward, with the ReLU mask taken from the output y (as ATen's threshold_backward):
-//   dv = y > 0 ? dy : 0, db = sum dv, dw = invstd * sum dv (x - mean),
+// and backward, with the ReLU mask recomputed from x by the forward's own float operations:
+//   dv = (x * scale + shift > 0) ? dy : 0, db = sum dv, dw = invstd * sum dv (x - mean),
 //   dx = (dv - db / M - (x - mean) * invstd^2 * sum dv (x - mean) / M) * w * invstd.
 // The channel count must be a multiple of 16 (models/fused.py falls back otherwise).
-// Built at run time by models/fused.py (torch.utils.cpp_extension) as torch.ops.posefast.*.
+// Built at run time by models/fused.py (torch.utils.cpp_extension) as torch.ops.posefast.*:
+// bn_relu_train (the autograd node, in C++), bn_relu_forward and bn_relu_backward.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -42,11 +43,9 @@ constexpr int kW = 16;          // channels per step (one 512-bit vector of floa
 // GCC/Clang vector extensions: one 512-bit register on AVX-512, two or four narrower ones
 // elsewhere; the compiler emits the machine's instructions (-march=native).
 typedef float vf __attribute__((vector_size(4 * kW)));
-typedef int32_t vi __attribute__((vector_size(4 * kW)));
 typedef uint32_t vu __attribute__((vector_size(4 * kW)));
 typedef uint16_t vh __attribute__((vector_size(2 * kW)));
 
-inline vf splat(float v) { return vf{} + v; }
 inline vf loadf(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline vf relu(vf v) { return v > 0.f ? v : vf{}; }
 inline vf where_positive(vf o, vf g) { return o > 0.f ? g : vf{}; }
@@ -105,8 +104,7 @@ void flush(std::vector<vf>& acc, double* out) {
   }
 }
 
-// Per-channel sums of one or two quantities of each element: q(v, c, out0, out1) with v the 16
-// loaded values of channels c..c+15 of one row (and g, o: the same of the other tensors).
+// Per-thread double sums of two per-channel quantities, [thread][2][C], and their total.
 struct Sums {
   int nt;
   int64_t C;
