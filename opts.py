@@ -89,6 +89,9 @@ class Resolution(tuple):
 
     __repr__ = __str__
 
+    def __getnewargs__(self):       # pickling (a spawned loader worker gets the options this way)
+        return (self[0], self[1])
+
 
 def resolution(minimum):
     """Option type: 'HxW' or 'N' -> Resolution, each side at least ``minimum``."""
@@ -216,7 +219,7 @@ def build_parser():
     g.add_argument('--nTrainSamples', type=_ranged(int, 1), default=4000, help='Synthetic: number of training people')
     g.add_argument('--nValSamples', type=_ranged(int, 1), default=500, help='Synthetic: number of validation people')
     g.add_argument('--syntheticRes', type=_ranged(int, 32), default=256, help='Synthetic: side of the rendered image in pixels')
-    g.add_argument('--syntheticCacheMB', type=_ranged(int, 0), default=1024, help='Synthetic: keep up to this many MB of rendered images per split and process for the next epochs (the same pixels, rendered once; 4000 people at 256 px take 786 MB; 0: render every time)')
+    g.add_argument('--syntheticCacheMB', type=_ranged(int, 0), default=1024, help='Synthetic: keep up to this many MB of rendered images per split for the next epochs, shared with the loader workers (the same pixels, rendered once; 4000 people at 256 px take 786 MB; 0: render every time)')
     g.add_argument('--maxTrainSamples', type=_ranged(int, 0), default=0, help='use only the first N training records (0: all)')
     g.add_argument('--maxValSamples', type=_ranged(int, 0), default=0, help='use only the first N validation records (0: all)')
     g.add_argument('--detFile', default=None, help='COCO: person detections json for testing (default: ground-truth boxes)')

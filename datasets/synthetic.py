@@ -39,6 +39,7 @@ in the HRNet / SimpleBaselines MPII json layout (see ``Synthetic.export``).
 """
 import argparse
 import math
+import mmap
 import os
 import sys
 
@@ -509,6 +510,20 @@ def _head(img, person, look, outline):
     cv2.line(img, _fix(at(-0.5, 0.25)), _fix(at(-0.5, -0.25)), (150, 40, 40), max(1, int(0.1 * hw)), _AA, _SHIFT)
 
 
+def _shared_cache(size, res):
+    """-> (images (size, res, res, 3) uint8, rendered (size,) bool) in one anonymous shared
+    mapping: the loader workers, forked after it is made, fill and read the same images as the main
+    process (a worker renders an image once, every later epoch's worker reads it). Untouched
+    pages cost no memory; each image is written before its flag, and two processes never render
+    the same index at once (an epoch gives every index to one worker)."""
+    pixels = size * res * res * 3
+    if size == 0:
+        return np.zeros((0, res, res, 3), np.uint8), np.zeros(0, bool)
+    block = mmap.mmap(-1, pixels + size)
+    images = np.frombuffer(block, np.uint8, pixels).reshape(size, res, res, 3)
+    return images, np.frombuffer(block, np.bool_, size, offset=pixels)
+
+
 def render(seed, res, person=None):
     """The RGB uint8 (res, res, 3) image of the person with this seed (see ``sample_person``)."""
     person = person or sample_person(seed, res)
@@ -557,14 +572,24 @@ class Synthetic(Reader):
         seed = int(getattr(opts, 'seed', 0))
         self.records = [self.make_record(record_seed(seed, split, i), self.res, i) for i in range(n)]
         # rendered images kept for the next epochs in one array of as many as --syntheticCacheMB
-        # holds (allocated at the first render, filled as they come; each process that renders
-        # keeps its own: the main one with --nThreads 0, as the quick start trains). One block,
-        # not an array per image: thousands of kept 200 KB arrays would make every later large
-        # allocation a fresh mmap (glibc), costing more system time than the rendering saved.
+        # holds, filled as they come, in memory shared with the loader workers (_shared_cache):
+        # whichever process renders an image, the main one (--nThreads 0, as the quick start
+        # trains) or a worker, every later epoch's processes read it. One block, not an array
+        # per image: thousands of kept 200 KB arrays would make every later large allocation a
+        # fresh mmap (glibc), costing more system time than the rendering saved.
         per_image = self.res * self.res * 3
         self.cache_size = min(n, (int(getattr(opts, 'syntheticCacheMB', 0)) << 20) // per_image)
-        self._cache = None
-        self._cached = np.zeros(self.cache_size, bool)
+        self._cache, self._cached = _shared_cache(self.cache_size, self.res)
+
+    def __getstate__(self):
+        # a spawned worker (not forked) cannot share the mapping: it starts a cache of its own
+        state = dict(self.__dict__)
+        state['_cache'] = state['_cached'] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._cache, self._cached = _shared_cache(self.cache_size, self.res)
 
     @staticmethod
     def make_record(seed, res, index=0):
@@ -584,8 +609,6 @@ class Synthetic(Reader):
         if i >= self.cache_size or record is not self.records[i]:
             return render(record['seed'], self.res, record.get('person'))
         if not self._cached[i]:
-            if self._cache is None:
-                self._cache = np.empty((self.cache_size, self.res, self.res, 3), np.uint8)
             self._cache[i] = render(record['seed'], self.res, record.get('person'))
             self._cached[i] = True
         image = self._cache[i]

@@ -78,3 +78,14 @@ def test_resolved_defconf_reproduces_options(tmp_path):
     again = options.parse(['-DataConfig', path])
     skip = {'DataConfig', 'ModelConfig'}
     assert {k: v for k, v in vars(again).items() if k not in skip} == {k: v for k, v in vars(o).items() if k not in skip}
+
+
+def test_parsed_options_survive_pickling():
+    """A spawned loader worker (macOS's and Windows' default) receives the dataset, and with it
+    the options, pickled: every value comes back equal and of the same type."""
+    import pickle
+    o = options.parse(['--inputRes', '256x192', '--outputRes', '64x48', '--LRSteps', '90,120'])
+    back = pickle.loads(pickle.dumps(o))
+    assert vars(back) == vars(o)
+    assert type(back.inputRes) is options.Resolution and back.inputRes.wh == (192, 256)
+    assert str(back.outputRes) == '64x48'

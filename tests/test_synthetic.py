@@ -199,7 +199,41 @@ def test_render_cache_gives_the_same_training_samples():
             a, b = sets[0][i], sets[1][i]
             np.testing.assert_array_equal(a['image'], b['image'])
             np.testing.assert_array_equal(a['heatmap'], b['heatmap'])
-    assert sets[1].reader._cached.sum() == 3 and sets[0].reader._cache is None
+    assert sets[1].reader._cached.sum() == 3 and sets[0].reader._cache.size == 0
+
+
+def test_render_cache_is_shared_with_the_loader_workers(monkeypatch):
+    """The images a forked loader worker renders are kept for the main process and for the next
+    epoch's workers (new processes): the second epoch renders nothing."""
+    import multiprocessing
+    import pickle
+    import torch
+    import datasets.synthetic as synthetic
+    if 'fork' not in multiprocessing.get_all_start_methods():
+        pytest.skip('the cache is shared with forked workers; this platform cannot fork')
+    codec = HeatmapCodec(64, 16, 1.0)
+    ds = build_dataset(make_opts('--inputRes', '64', '--outputRes', '16', '--syntheticRes', '96',
+                                 '--syntheticCacheMB', '8', '--nTrainSamples', '6'), 'train', codec)
+    context = multiprocessing.get_context('fork')
+
+    def one_epoch():
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1, collate_fn=ds.collate,
+                                             multiprocessing_context=context)
+        return [batch['image'] for batch in loader]
+
+    first = one_epoch()
+    assert ds.reader._cached.all()          # rendered in the worker, seen here
+    for i, record in enumerate(ds.reader.records):
+        np.testing.assert_array_equal(ds.reader._cache[i], synthetic.render(record['seed'], 96, record['person']))
+
+    def no_render(*args):
+        raise AssertionError('rendered again')
+    monkeypatch.setattr(synthetic, 'render', no_render)     # inherited by the next worker
+    second = one_epoch()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    # a pickled copy (a spawned worker) starts a cache of its own instead of copying the pixels
+    copy = pickle.loads(pickle.dumps(ds.reader))
+    assert copy.cache_size == 6 and not copy._cached.any() and ds.reader._cached.all()
 
 
 @pytest.mark.parametrize('split', ['train', 'val'])
