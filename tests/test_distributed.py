@@ -146,3 +146,29 @@ def test_sync_batchnorm_on_the_cpu_is_one_line(tmp_path):
     assert r.returncode != 0
     assert set(ours(r.stderr)) == {"error: --syncBN needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only (on the "
                                    "CPU each rank keeps its own BatchNorm statistics: drop --syncBN)"}
+
+
+def test_close_ends_the_heartbeat_before_leaving():
+    """``Dist.close`` waits for the heartbeat thread, even one inside a slow store call: a store
+    call still running while the process exits aborted it now and then ('terminate called
+    without an active exception')."""
+    import threading
+    from utils import distributed
+
+    class SlowStore:
+        def __init__(self):
+            self.calls, self.inside = 0, threading.Event()
+
+        def set(self, key, value):
+            self.calls += 1
+            self.inside.set()
+            time.sleep(0.5)
+
+    store = SlowStore()
+    d = distributed.Dist(0, 1, store)
+    d.start_beat()
+    assert store.inside.wait(5)
+    started = time.time()
+    d.close()
+    assert not d.beat.is_alive() and store.calls == 1
+    assert time.time() - started >= 0.3         # it waited for the store call to return

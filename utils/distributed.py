@@ -34,6 +34,7 @@ class Dist:
     def __init__(self, rank=0, world=1, store=None):
         self.rank, self.world, self.store = rank, world, store
         self.stop = threading.Event()
+        self.beat = None            # the heartbeat thread
 
     @property
     def on(self):
@@ -43,14 +44,23 @@ class Dist:
     def main(self):
         return self.rank == 0
 
+    def start_beat(self):
+        """Stamp this rank's time in the store every ``BEAT`` seconds until ``close``."""
+        self.beat = threading.Thread(target=_beat, args=(self,), daemon=True)
+        self.beat.start()
+
     def barrier(self):
         if self.on:
             guard(dist.barrier, self)
 
     def close(self, wait=True):
         """Stop the heartbeat and leave the process group together (a rank that exits while another
-        is still in a collective would make that one's gloo abort)."""
+        is still in a collective would make that one's gloo abort). The heartbeat ends first: a
+        store call still running while the process group and the store are torn down at exit
+        aborted the process now and then ('terminate called without an active exception')."""
         self.stop.set()
+        if self.beat is not None and self.beat is not threading.current_thread():
+            self.beat.join(timeout=BEAT + 10)
         if self.on and dist.is_initialized():
             try:
                 if wait:
@@ -83,7 +93,7 @@ def setup(opts, device):
         store = None
     d = Dist(rank, world, store)
     if store is not None:
-        threading.Thread(target=_beat, args=(d,), daemon=True).start()
+        d.start_beat()
     return d
 
 
