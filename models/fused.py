@@ -95,7 +95,7 @@ def can_fuse(bn, x):
             and bn.track_running_stats and bn.momentum is not None and x.device.type == 'cpu'
             and x.dim() == 4 and x.dtype in DTYPES
             and bn.weight.dtype == torch.float32 and bn.weight.device.type == 'cpu'
-            and x.shape[1] % 16 == 0 and x.shape[0] * x.shape[2] * x.shape[3] > 1
+            and x.shape[1] % 16 == 0 and x.shape[1] <= 1024 and x.shape[0] * x.shape[2] * x.shape[3] > 1
             and x.is_contiguous(memory_format=torch.channels_last) and load())
 
 
