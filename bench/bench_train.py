@@ -244,7 +244,7 @@ def run_case(name, args):
     ours = ours.to(memory_format=fmt).train()
     our_images = images.contiguous(memory_format=fmt)
     flops = flops_per_image(ours, our_images, amp_dtype, our_loss)
-    our_step = make_step(ours, build_optimizer(opts, ours.parameters()), our_loss, our_images, amp_dtype)
+    our_step = make_step(ours, build_optimizer(opts, ours.parameters(), flat=True), our_loss, our_images, amp_dtype)
     steps = {'ours': our_step}
     # the same step with the modules unfused: what the kernels gain, in this run (bfloat16 only:
     # float32 runs the modules anyway)

@@ -99,6 +99,22 @@ def can_fuse(bn, x):
             and x.is_contiguous(memory_format=torch.channels_last) and load())
 
 
+def can_add(a, b):
+    """Whether ``add`` computes ``a + b`` here: two bfloat16 CPU tensors of one shape and layout."""
+    return (_state['enabled'] and a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16
+            and a.device.type == 'cpu' and b.device.type == 'cpu' and a.shape == b.shape
+            and a.stride() == b.stride()
+            and (a.is_contiguous() or a.is_contiguous(memory_format=torch.channels_last)) and load())
+
+
+def add(a, b):
+    """``a + b``; one pass of the C++ kernel for two bfloat16 CPU tensors of one layout (bit for
+    bit PyTorch's sum: PyTorch's own bfloat16 addition ran at a third of the memory bandwidth)."""
+    if can_add(a, b):
+        return torch.ops.posefast.add(a, b)
+    return a + b
+
+
 def bn_relu(bn, x):
     """``relu(bn(x))`` for a training ``nn.BatchNorm2d`` on channels-last CPU tensors, fused."""
     bn.num_batches_tracked.add_(1)

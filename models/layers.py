@@ -78,7 +78,7 @@ class Residual(nn.Module):
         self.skip = skip_layer(in_channels, out_channels)
 
     def forward(self, x):
-        return self.branch(x) + self.skip(x)
+        return fused.add(self.branch(x), self.skip(x))
 
 
 def residual_factory(in_channels, out_channels, scale=1):
@@ -102,7 +102,7 @@ class AddMerge(nn.Module):
     """The hourglass's merge of its two branches: elementwise sum (Newell et al.)."""
 
     def forward(self, upper, lower):
-        return upper + lower
+        return fused.add(upper, lower)
 
 
 def add_merge(channels):
@@ -200,5 +200,5 @@ class Remap(nn.Module):
         self.heatmaps = nn.Conv2d(num_joints, channels, 1)
 
     def forward(self, x, features, heatmaps):
-        return x + self.features(features) + self.heatmaps(heatmaps)
+        return fused.add(fused.add(x, self.features(features)), self.heatmaps(heatmaps))
 

@@ -169,6 +169,39 @@ def test_kernel_rejects_what_it_does_not_compute():
         torch.ops.posefast.bn_relu_forward(channels_last(torch.randn(2, 16, 3, 3)).double(), *args)
 
 
+@needs_kernels
+@pytest.mark.parametrize('shape', [(16, 96, 8, 8), (3, 16, 5, 7), (7, 13)])
+def test_add_is_pytorchs_sum_bit_for_bit(shape):
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(*shape, generator=g) * 100).bfloat16()
+    b = torch.randn(*shape, generator=g).bfloat16()
+    a[0, 0] = float('inf')
+    if len(shape) == 4:
+        a, b = channels_last(a), channels_last(b)
+    a.requires_grad_()
+    b.requires_grad_()
+    assert fused.can_add(a, b)
+    out = fused.add(a, b)
+    assert out.dtype == torch.bfloat16 and out.stride() == a.stride()
+    assert torch.equal(out, a.detach() + b.detach())     # every sum rounded as PyTorch rounds it
+    grad = torch.randn(*shape, generator=g).bfloat16()
+    out.backward(grad)
+    assert torch.equal(a.grad, grad) and torch.equal(b.grad, grad)
+
+
+@needs_kernels
+def test_add_falls_back_where_it_does_not_apply():
+    x = torch.randn(2, 16, 4, 4)
+    pairs = [(x, x), (x.bfloat16(), x),                               # float32; mixed types
+             (x.bfloat16(), channels_last(x.bfloat16())),             # two layouts
+             (x.bfloat16(), x[:1].bfloat16())]                       # broadcasting
+    for a, b in pairs:
+        assert not fused.can_add(a, b)
+        assert torch.equal(fused.add(a, b), a + b)
+    with pytest.raises(RuntimeError, match='same sizes and strides'):
+        torch.ops.posefast.add(x.bfloat16(), channels_last(x.bfloat16()))
+
+
 def test_a_failed_build_falls_back_with_one_message(monkeypatch, tmp_path, capsys):
     bad = tmp_path / 'broken.cpp'
     bad.write_text('this is not C++\n')

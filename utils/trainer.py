@@ -24,6 +24,7 @@ from utils import checkpoint, distributed
 from utils.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from utils.io import write_json, write_text
 from utils.cpu import keep_freed_memory
+from utils.optim import FlatAdam
 from utils.predictor import Predictor, pick_device, to_device
 
 
@@ -45,14 +46,18 @@ def lr_at(opts, epoch, progress=0.0):
     return lr
 
 
-def build_optimizer(opts, params):
+def build_optimizer(opts, params, flat=False):
     """The optimiser for the model's parameters (all on one device). Adam and SGD use the fused
     kernels (CPU and CUDA; on the quick hourglass an Adam step takes 2 ms instead of 11 on the CPU),
-    RMSprop, which has none, the multi-tensor one."""
+    RMSprop, which has none, the multi-tensor one. ``flat`` (single-process CPU training): Adam
+    steps its parameters as one buffer (``utils.optim.FlatAdam``: the same numbers, 0.6 ms instead
+    of 2.7-3.8 on the quick hourglass)."""
     if opts.optimizer_type == 'RMSprop':
         return torch.optim.RMSprop(params, lr=opts.LR, alpha=0.99, eps=1e-8, momentum=opts.momentum,
                                    weight_decay=opts.weightDecay, foreach=True)
     if opts.optimizer_type == 'Adam':
+        if flat:
+            return FlatAdam(params, lr=opts.LR, weight_decay=opts.weightDecay)
         return torch.optim.Adam(params, lr=opts.LR, weight_decay=opts.weightDecay, fused=True)
     return torch.optim.SGD(params, lr=opts.LR, momentum=opts.momentum, weight_decay=opts.weightDecay,
                            nesterov=opts.nesterov, fused=True)
@@ -215,7 +220,8 @@ class Trainer:
                 train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
                 self.model = self.predictor.model = train_model
             self.net = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=ids)
-        self.optimizer = build_optimizer(opts, self.model.parameters())
+        self.optimizer = build_optimizer(opts, self.model.parameters(),
+                                         flat=self.device.type == 'cpu' and not self.distributed)
         # --amp: float16 with loss scaling on CUDA; bfloat16 (no scaling needed) on the CPU
         self.amp = bool(opts.amp)
         self.amp_dtype = self.predictor.amp_dtype
