@@ -115,6 +115,20 @@ def add(a, b):
     return a + b
 
 
+def can_pool(x):
+    """Whether ``max_pool2`` computes ``F.max_pool2d(x, 2, 2)`` here: bfloat16, channels-last, a
+    multiple of 16 channels, an even height and width."""
+    return (_state['enabled'] and x.dtype in DTYPES and x.device.type == 'cpu' and x.dim() == 4
+            and x.shape[1] % 16 == 0 and x.shape[1] <= 1024 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
+            and x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last) and load())
+
+
+def max_pool2(x):
+    """``F.max_pool2d(x, 2, 2)`` through the C++ kernels (bit for bit PyTorch's values and
+    gradients: no int64 indices written, the backward recomputes each window's winner)."""
+    return torch.ops.posefast.max_pool2(x)
+
+
 def bn_relu(bn, x):
     """``relu(bn(x))`` for a training ``nn.BatchNorm2d`` on channels-last CPU tensors, fused."""
     bn.num_batches_tracked.add_(1)

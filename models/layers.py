@@ -92,6 +92,19 @@ def repeat_blocks(make_block, in_channels, out_channels, count, scale=1):
     return nn.Sequential(*layers) if layers else nn.Identity()
 
 
+class MaxPool2(nn.MaxPool2d):
+    """``nn.MaxPool2d(2, 2)``; on channels-last bfloat16 CPU tensors one C++ kernel each way
+    (``models.fused.max_pool2``: the same values and gradients)."""
+
+    def __init__(self):
+        super().__init__(2, 2)
+
+    def forward(self, x):
+        if fused.can_pool(x):
+            return fused.max_pool2(x)
+        return super().forward(x)
+
+
 def upsample_to(x, like):
     """Nearest-neighbour upsampling of ``x`` to the spatial size of ``like`` (x2 in the
     hourglass when the size divides evenly, like Torch's ``SpatialUpSamplingNearest(2)``)."""
@@ -136,7 +149,7 @@ class Hourglass(nn.Module):
             self.up1 = repeat_blocks(make_block, channels, channels, num_modules, scale)
         else:
             self.up1 = make_skip(channels, depth, scale)
-        self.pool = nn.MaxPool2d(2, 2)
+        self.pool = MaxPool2()
         self.low1 = repeat_blocks(make_block, channels, channels, num_modules, 2 * scale)
         if depth > 1:
             self.low2 = Hourglass(depth - 1, channels, make_block, num_modules, 2 * scale,
@@ -164,7 +177,7 @@ class Stem(nn.Module):
         super().__init__()
         self.conv = conv_bn_relu(in_channels, width // 2, 7, 2)
         self.block1 = make_block(width // 2, width, 2)
-        self.pool = nn.MaxPool2d(2, 2)
+        self.pool = MaxPool2()
         self.block2 = make_block(width, width, 4)
         self.block3 = make_block(width, out_channels, 4)
 

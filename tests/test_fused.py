@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import fused
-from models.layers import BNReLU, ConvBNReLU, Residual
+from models.layers import BNReLU, ConvBNReLU, MaxPool2, Residual
 from models.hourglass import StackedHourglass
 from utils.cpu import keep_freed_memory
 
@@ -200,6 +200,30 @@ def test_add_falls_back_where_it_does_not_apply():
         assert torch.equal(fused.add(a, b), a + b)
     with pytest.raises(RuntimeError, match='same sizes and strides'):
         torch.ops.posefast.add(x.bfloat16(), channels_last(x.bfloat16()))
+
+
+@needs_kernels
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])
+def test_max_pool2_is_pytorchs_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 32, 6, 8, generator=g) * 4).round() / 4          # many ties in the windows
+    flat = x.view(-1)
+    flat[::37], flat[5::41], flat[7::211] = 0.0, -0.0, float('nan')
+    x = channels_last(x.to(dtype))
+    ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = MaxPool2()(ours), F.max_pool2d(ref, 2, 2)
+    assert fused.can_pool(ours) == (dtype == torch.bfloat16)
+    y = torch.ops.posefast.max_pool2(ours)                    # the kernel itself for float32 too
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(y), torch.signbit(y_ref)) and y.is_contiguous(memory_format=torch.channels_last)
+    grad = channels_last(torch.randn(y.shape, generator=g).to(dtype))
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert torch.equal(ours.grad, ref.grad) and torch.equal(torch.signbit(ours.grad), torch.signbit(ref.grad))
+    with pytest.raises(RuntimeError, match='even height and width'):
+        torch.ops.posefast.max_pool2(channels_last(torch.randn(1, 16, 5, 4)))
+    odd = channels_last(torch.randn(1, 16, 5, 4).bfloat16())
+    assert not fused.can_pool(odd) and torch.equal(MaxPool2()(odd), F.max_pool2d(odd, 2, 2))
 
 
 def test_a_failed_build_falls_back_with_one_message(monkeypatch, tmp_path, capsys):

@@ -409,6 +409,94 @@ class Add : public torch::autograd::Function<Add> {
 
 at::Tensor add_train(const at::Tensor& a, const at::Tensor& b) { return Add::apply(a, b); }
 
+// ----------------------------------------------------------------------------- 2x2 max-pooling
+
+// Max-pooling over 2x2 windows with stride 2 (the hourglass family's nn.MaxPool2d(2, 2)) of a
+// channels-last tensor with even height and width and a multiple of 16 channels. PyTorch's
+// kernel writes an int64 index per output value and its backward zero-fills the input gradient,
+// then scatters into it; here the backward recomputes each window's winner from the input with
+// the same rule (a value wins when it is greater than the maximum so far, or NaN, scanning the
+// window row by row) and writes every input gradient once: the same values bit for bit.
+template <typename T>
+void max_pool_pass(const at::Tensor& x, const at::Tensor* grad, at::Tensor& out) {
+  using S = typename T::storage;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = H / 2, OW = W / 2;
+  const int64_t nc = C / kW;
+  const S* xp = reinterpret_cast<const S*>(x.const_data_ptr());
+  const S* gp = grad ? reinterpret_cast<const S*>(grad->const_data_ptr()) : nullptr;
+  S* op = reinterpret_cast<S*>(out.mutable_data_ptr());
+  at::parallel_for(0, N * OH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / OH, oh = row % OH;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const int64_t o = (row * OW + ow) * C;
+        const int64_t corner = ((n * H + 2 * oh) * W + 2 * ow) * C;
+        const int64_t at[4] = {corner, corner + C, corner + W * C, corner + W * C + C};
+        for (int64_t q = 0; q < nc; ++q) {
+          vf best = T::load(xp + at[0] + q * kW);
+          vu which = vu{};
+          for (uint32_t k = 1; k < 4; ++k) {
+            const vf v = T::load(xp + at[k] + q * kW);
+            const auto wins = (v > best) | (v != v);
+            best = wins ? v : best;
+            which = wins ? vu{} + k : which;
+          }
+          if (!gp) {
+            T::store(op + o + q * kW, best);
+            continue;
+          }
+          const vf g = T::load(gp + o + q * kW);
+          for (uint32_t k = 0; k < 4; ++k) T::store(op + at[k] + q * kW, which == k ? g : vf{});
+        }
+      }
+    }
+  });
+}
+
+void check_pool_input(const at::Tensor& x) {
+  check_input(x, "input");
+  TORCH_CHECK(x.size(2) % 2 == 0 && x.size(3) % 2 == 0, "posefast: max_pool2 takes an even height and width, got ",
+              x.size(2), "x", x.size(3));
+}
+
+at::Tensor max_pool2_forward(const at::Tensor& x) {
+  check_pool_input(x);
+  at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2) / 2, x.size(3) / 2},
+                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (x.scalar_type() == at::kBFloat16)
+    max_pool_pass<BF16>(x, nullptr, out);
+  else
+    max_pool_pass<F32>(x, nullptr, out);
+  return out;
+}
+
+at::Tensor max_pool2_backward(const at::Tensor& grad_out, const at::Tensor& x) {
+  check_pool_input(x);
+  const at::Tensor g = grad_out.to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(g.size(0) == x.size(0) && g.size(1) == x.size(1) && g.size(2) * 2 == x.size(2) &&
+                  g.size(3) * 2 == x.size(3), "posefast: max_pool2 gradient and input differ in shape");
+  at::Tensor dx = at::empty_like(x);
+  if (x.scalar_type() == at::kBFloat16)
+    max_pool_pass<BF16>(x, &g, dx);
+  else
+    max_pool_pass<F32>(x, &g, dx);
+  return dx;
+}
+
+class MaxPool2 : public torch::autograd::Function<MaxPool2> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x) {
+    ctx->save_for_backward({x});
+    return max_pool2_forward(x);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return {max_pool2_backward(grads[0], ctx->get_saved_variables()[0])};
+  }
+};
+
+at::Tensor max_pool2_train(const at::Tensor& x) { return MaxPool2::apply(x); }
+
 at::Tensor bn_relu_train_no_grad(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                  at::Tensor running_mean, at::Tensor running_var, double momentum,
                                  double eps) {
@@ -425,11 +513,14 @@ TORCH_LIBRARY(posefast, m) {
   m.def("bn_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor mean, "
         "Tensor invstd) -> (Tensor, Tensor, Tensor)");
   m.def("add(Tensor a, Tensor b) -> Tensor");
+  m.def("max_pool2(Tensor x) -> Tensor");
+  m.def("max_pool2_backward(Tensor grad_out, Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(posefast, Autograd, m) {
   m.impl("bn_relu_train", &bn_relu_train);
   m.impl("add", &add_train);
+  m.impl("max_pool2", &max_pool2_train);
 }
 
 TORCH_LIBRARY_IMPL(posefast, CPU, m) {
@@ -437,4 +528,6 @@ TORCH_LIBRARY_IMPL(posefast, CPU, m) {
   m.impl("bn_relu_forward", &bn_relu_forward);
   m.impl("bn_relu_backward", &bn_relu_backward);
   m.impl("add", &add_forward);
+  m.impl("max_pool2", &max_pool2_forward);
+  m.impl("max_pool2_backward", &max_pool2_backward);
 }
