@@ -22,11 +22,12 @@ RMSprop, float32); ``quickstart``: the README's quick-start model as it trains
 (conf/models/hourglass_quick.defconf: 2 stacks x 96 with 2 reductions, stem 32, 128 px, batch
 16, Adam, bfloat16 autocast).
 
-As the trainer does, ours trains its bfloat16 BatchNorm-ReLU pairs through the fused kernels
-(``--fusedBNReLU``, models/fused.py; the same step with them off is measured too) and keeps
-freed memory in its heap (``--keepFreedMemory``, utils/cpu.py: a setting of the process, which
-is why the baseline runs in another one). Trainer options after the bench's own switch those
-off (``--fusedBNReLU false --keepFreedMemory false``).
+As the trainer does, ours trains its bfloat16 BatchNorm-ReLU pairs, residual sums and 2x2
+max-poolings through the C++ kernels (``--fusedBNReLU``, models/fused.py; the same step with them
+off is measured too), steps Adam over one flat buffer (utils/optim.py, as single-process CPU
+training does) and keeps freed memory in its heap (``--keepFreedMemory``, utils/cpu.py: a setting
+of the process, which is why the baseline runs in another one). Trainer options after the
+bench's own switch those off (``--fusedBNReLU false --keepFreedMemory false``).
 """
 import argparse
 import os
@@ -269,13 +270,13 @@ def run_case(name, args):
           f'stem {opts.stemChannels}, input {h}x{w}, '
           f'batch {b}, {opts.optimizer_type}, {dname}{" autocast" if amp_dtype else ""}, {n_ours:,} parameters, '
           f'{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps')
-    print(f'  ours: fused BatchNorm-ReLU {"on" if with_fused else "off"}, keep freed memory {"on" if keep else "off"}; '
+    print(f'  ours: C++ kernels {"on" if with_fused else "off"}, keep freed memory {"on" if keep else "off"}; '
           f'the straightforward one in its own process with PyTorch\'s defaults')
     print(f'  matmul 2048^3 {dname:9s}        {med["matmul"] / 1e9:8.1f} GFLOP/s')
     print(f'  forward+backward FLOPs per image {flops / 1e9:8.3f} GFLOP (the baseline: {baseline.flops / 1e9:.3f})')
     lines = [('ours', 'ours (the trainer\'s step)'), ('plain', 'straightforward NCHW')]
     if with_fused:
-        lines.insert(1, ('unfused', 'ours, BatchNorm-ReLU unfused'))
+        lines.insert(1, ('unfused', 'ours, C++ kernels off'))
     for key, label in lines:
         achieved = med[key] * flops
         print(f'  {label:30s} {med[key]:7.1f} img/s  {achieved / 1e9:7.1f} GFLOP/s  '
@@ -283,7 +284,7 @@ def run_case(name, args):
     print(f'  ratio ours / straightforward   {med["ours"] / med["plain"]:7.2f}x')
     if with_fused:
         paired = statistics.median(x / y for x, y in zip(rates['ours'], rates['unfused']))
-        print(f'  ratio fused / unfused          {paired:7.2f}x (median of the rounds\' ratios)')
+        print(f'  ratio kernels on / off         {paired:7.2f}x (median of the rounds\' ratios)')
     return med
 
 
