@@ -51,7 +51,7 @@ def test_the_same_numbers_as_torch_adam_and_checkpoints_move_both_ways():
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
-    loaded = torch.load(buf)
+    loaded = torch.load(buf, weights_only=True)
     plain, flat = clones(ours), clones(ours)
     c = torch.optim.Adam(plain, lr=4e-3, weight_decay=1e-4, fused=True)
     c.load_state_dict(copy.deepcopy(loaded))
