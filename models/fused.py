@@ -129,6 +129,33 @@ def max_pool2(x):
     return torch.ops.posefast.max_pool2(x)
 
 
+def can_conv1x1(conv, x):
+    """Whether ``conv1x1`` computes what ``conv(x)`` computes under bfloat16 autocast: a 1x1
+    convolution (stride 1, no padding, no groups) of a channels-last bfloat16 CPU tensor with a
+    float32 weight, multiples of 16 channels in and out, on a CPU with AVX-512 BF16."""
+    return (_state['enabled'] and x.dtype == torch.bfloat16 and x.device.type == 'cpu' and x.dim() == 4
+            and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == 'zeros'
+            and conv.weight.dtype == torch.float32 and conv.weight.device.type == 'cpu'
+            and conv.in_channels % 16 == 0 and conv.out_channels % 16 == 0 and x.shape[1] == conv.in_channels
+            and torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
+            and x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last) and load()
+            and _has_conv1x1())
+
+
+def _has_conv1x1():
+    if _state.get('conv1x1') is None:
+        _state['conv1x1'] = hasattr(torch.ops.posefast, 'conv1x1')
+    return _state['conv1x1']
+
+
+def conv1x1(conv, x):
+    """``conv(x)`` for a 1x1 ``nn.Conv2d`` under bfloat16 autocast, through the C++ kernels: the
+    weight and bias rounded to bfloat16 as autocast rounds them, the products summed in float;
+    their gradients are the float sums (autocast's path rounds them to bfloat16 first)."""
+    return torch.ops.posefast.conv1x1(x, conv.weight, conv.bias)
+
+
 def bn_relu(bn, x):
     """``relu(bn(x))`` for a training ``nn.BatchNorm2d`` on channels-last CPU tensors, fused."""
     bn.num_batches_tracked.add_(1)

@@ -33,11 +33,32 @@ class BNReLU(nn.Sequential):
         return _bn_then_relu(self[0], self[1], x)
 
 
+class Conv1x1(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 1)`` (its parameters and names); under bfloat16
+    autocast on channels-last CPU tensors one C++ kernel each way (``models.fused.conv1x1``:
+    oneDNN spends most of a small level's time setting each convolution up)."""
+
+    def __init__(self, in_channels, out_channels, bias=True):
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x):
+        if fused.can_conv1x1(self, x):
+            return fused.conv1x1(self, x)
+        return super().forward(x)
+
+
+def conv2d(in_channels, out_channels, kernel_size, stride=1):
+    """A convolution with 'same' padding and a bias; ``Conv1x1`` for 1x1 ones."""
+    if kernel_size == 1 and stride == 1:
+        return Conv1x1(in_channels, out_channels)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2)
+
+
 class ConvBNReLU(nn.Sequential):
     """Post-activation convolution: conv (with bias, as in the Torch code) - BN - ReLU."""
 
     def __init__(self, in_channels, out_channels, kernel_size=1, stride=1):
-        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2),
+        super().__init__(conv2d(in_channels, out_channels, kernel_size, stride),
                          nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
     def forward(self, x):
@@ -58,7 +79,7 @@ def skip_layer(in_channels, out_channels):
     """Identity when the widths agree, else a 1x1 projection (pose-hg-train's ``skipLayer``)."""
     if in_channels == out_channels:
         return nn.Identity()
-    return nn.Conv2d(in_channels, out_channels, 1)
+    return Conv1x1(in_channels, out_channels)
 
 
 class Residual(nn.Module):
@@ -72,9 +93,9 @@ class Residual(nn.Module):
         super().__init__()
         mid = out_channels // 2
         self.branch = nn.Sequential(
-            bn_relu(in_channels), nn.Conv2d(in_channels, mid, 1),
+            bn_relu(in_channels), Conv1x1(in_channels, mid),
             bn_relu(mid), nn.Conv2d(mid, mid, 3, padding=1),
-            bn_relu(mid), nn.Conv2d(mid, out_channels, 1))
+            bn_relu(mid), Conv1x1(mid, out_channels))
         self.skip = skip_layer(in_channels, out_channels)
 
     def forward(self, x):
@@ -196,7 +217,7 @@ class StackHead(nn.Module):
         super().__init__()
         self.blocks = repeat_blocks(make_block, channels, channels, num_modules)
         self.lin = conv_bn_relu(channels, channels, 1)
-        self.score = nn.Conv2d(channels, num_joints, 1)
+        self.score = Conv1x1(channels, num_joints)
 
     def forward(self, x):
         feat = self.lin(self.blocks(x))
@@ -209,8 +230,8 @@ class Remap(nn.Module):
 
     def __init__(self, channels, num_joints):
         super().__init__()
-        self.features = nn.Conv2d(channels, channels, 1)
-        self.heatmaps = nn.Conv2d(num_joints, channels, 1)
+        self.features = Conv1x1(channels, channels)
+        self.heatmaps = Conv1x1(num_joints, channels)
 
     def forward(self, x, features, heatmaps):
         return fused.add(fused.add(x, self.features(features)), self.heatmaps(heatmaps))

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import fused
-from models.layers import BNReLU, ConvBNReLU, MaxPool2, Residual
+from models.layers import BNReLU, Conv1x1, ConvBNReLU, MaxPool2, Residual
 from models.hourglass import StackedHourglass
 from utils.cpu import keep_freed_memory
 
@@ -224,6 +224,141 @@ def test_max_pool2_is_pytorchs_bit_for_bit(dtype):
         torch.ops.posefast.max_pool2(channels_last(torch.randn(1, 16, 5, 4)))
     odd = channels_last(torch.randn(1, 16, 5, 4).bfloat16())
     assert not fused.can_pool(odd) and torch.equal(MaxPool2()(odd), F.max_pool2d(odd, 2, 2))
+
+
+needs_conv1x1 = pytest.mark.skipif(not (fused.load() and fused._has_conv1x1()),
+                                   reason='the 1x1 convolution kernels need AVX-512 BF16')
+
+
+def bf16_autocast():
+    return torch.autocast('cpu', dtype=torch.bfloat16)
+
+
+@needs_conv1x1
+@pytest.mark.parametrize('shape,out_channels,bias', [((3, 96, 5, 7), 48, True), ((2, 48, 4, 4), 96, False),
+                                                     ((1, 16, 3, 3), 112, True), ((2, 128, 2, 3), 16, True)])
+def test_conv1x1_matches_float64(shape, out_channels, bias):
+    """Forward: autocast's function (the weight and bias rounded to bfloat16, the output rounded
+    once); backward: the input gradient as autocast's, the weight and bias gradients the float
+    sums (within 1e-5 of float64, where autocast's path rounds them to bfloat16)."""
+    torch.manual_seed(0)
+    conv = Conv1x1(shape[1], out_channels, bias=bias)
+    x = channels_last(torch.randn(*shape).bfloat16()).requires_grad_()
+    grad = channels_last(torch.randn(shape[0], out_channels, *shape[2:]).bfloat16())
+    calls = []
+    real = fused.conv1x1
+    fused.conv1x1 = lambda c, t: calls.append(1) or real(c, t)
+    try:
+        with bf16_autocast():
+            y = conv(x)
+    finally:
+        fused.conv1x1 = real
+    assert calls == [1] and y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    params = [x] + list(conv.parameters())
+    grads = torch.autograd.grad(y, params, grad)
+    xd = x.detach().double().requires_grad_()
+    wd = conv.weight.detach().bfloat16().double().requires_grad_()
+    bd = conv.bias.detach().bfloat16().double().requires_grad_() if bias else None
+    exact = F.conv2d(xd, wd, bd)
+    truth = torch.autograd.grad(exact, [xd, wd] + ([bd] if bias else []), grad.double())
+    # the output: the float sum rounded once to bfloat16 (8 bits), as oneDNN's
+    assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+    fused.set_enabled(False)
+    try:
+        with bf16_autocast():
+            y_ref = conv(x)
+    finally:
+        fused.set_enabled(True)
+    ref_grads = torch.autograd.grad(y_ref, params, grad)
+    assert (y.float() - y_ref.float()).abs().max() <= 2 ** -7 * y_ref.float().abs().max()
+    dx, dx_ref = grads[0].double(), ref_grads[0].double()
+    assert grads[0].dtype == torch.bfloat16 and ((dx - truth[0]).abs() <= truth[0].abs() * 2 ** -8 + 1e-6).all()
+    assert (dx - dx_ref).abs().max() <= 2 ** -7 * dx_ref.abs().max()
+    for ours, autocast_grad, t in zip(grads[1:], ref_grads[1:], truth[1:]):
+        assert ours.dtype == torch.float32 and ours.shape == t.shape
+        scale = t.abs().max().item()
+        assert (ours.double() - t).abs().max().item() <= 1e-5 * scale
+        assert (autocast_grad.double() - t).abs().max().item() > 1e-4 * scale    # rounded to bfloat16
+    with torch.no_grad(), bf16_autocast():                     # inference: the same kernel, no graph
+        assert torch.equal(conv(x), y)
+
+
+@needs_conv1x1
+def test_conv1x1_runs_only_where_it_applies(monkeypatch):
+    calls = []
+    real = fused.conv1x1
+    monkeypatch.setattr(fused, 'conv1x1', lambda c, t: calls.append(tuple(t.shape)) or real(c, t))
+    conv = Conv1x1(16, 32)
+    assert list(conv.state_dict()) == ['weight', 'bias'] and isinstance(conv, nn.Conv2d)
+    x = channels_last(torch.randn(2, 16, 4, 4).bfloat16())
+    cases = [(conv, x.contiguous(), True),                          # NCHW
+             (conv, x.float(), True),                               # float32 input
+             (conv, x, False),                                      # no autocast
+             (Conv1x1(16, 17), x, True)]                            # 17 outputs (COCO's joints)
+    for module, inp, autocast in cases:
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            out = module(inp) if autocast or inp.dtype == module.weight.dtype else None
+        assert out is None or out.shape[1] == module.out_channels
+    with torch.autocast('cpu', dtype=torch.float16):
+        assert not fused.can_conv1x1(conv, x)
+    fused.set_enabled(False)
+    try:
+        with bf16_autocast():
+            conv(x)                                                  # --fusedBNReLU false
+    finally:
+        fused.set_enabled(True)
+    assert calls == []
+    with bf16_autocast():
+        conv(x)
+    assert calls == [(2, 16, 4, 4)]
+    with pytest.raises(RuntimeError, match='multiples of 16'):
+        torch.ops.posefast.conv1x1(channels_last(torch.randn(1, 8, 2, 2).bfloat16()), torch.randn(16, 8, 1, 1), None)
+    with pytest.raises(RuntimeError, match='channels-last bfloat16'):
+        torch.ops.posefast.conv1x1(x.contiguous(), conv.weight, conv.bias)
+
+
+@needs_conv1x1
+def test_bfloat16_hourglass_step_through_the_kernels():
+    """A bfloat16 autocast step of a small hourglass with every kernel on, against the modules'
+    step and a float64 step: each 1x1 convolution through the C++ kernel, and the gradients as
+    close to float64 as the modules' (bfloat16 alone leaves them far from it at initialisation)."""
+    torch.manual_seed(0)
+    net = StackedHourglass(num_joints=16, num_stacks=2, channels=32, num_reductions=2, stem_channels=32)
+    net = net.to(memory_format=torch.channels_last).train()
+    ref, exact = copy.deepcopy(net), copy.deepcopy(net).double()
+    x = channels_last(torch.randn(4, 3, 64, 64))
+    target = torch.rand(4, 16, 16, 16)
+    calls = []
+    real = fused.conv1x1
+
+    def step(model, dtype=torch.float32):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.float32):
+            out = model(x.to(dtype))
+        loss = sum(((o.to(dtype) - target.to(dtype)) ** 2).mean() for o in out)
+        loss.backward()
+        return loss.item()
+
+    fused.conv1x1 = lambda c, t: calls.append(1) or real(c, t)
+    try:
+        loss = step(net)
+    finally:
+        fused.conv1x1 = real
+    assert len(calls) == sum(isinstance(m, Conv1x1) for m in net.modules()) > 20
+    fused.set_enabled(False)
+    try:
+        loss_ref = step(ref)
+    finally:
+        fused.set_enabled(True)
+    loss_exact = step(exact, torch.float64)
+    assert abs(loss - loss_exact) <= 2 * abs(loss_ref - loss_exact) + 1e-3 * loss_exact
+    errors = {'ours': [], 'modules': []}
+    for p, r, e in zip(net.parameters(), ref.parameters(), exact.parameters()):
+        scale = e.grad.abs().max().item()
+        if scale > 1e-4:
+            errors['ours'].append((p.grad.double() - e.grad).abs().max().item() / scale)
+            errors['modules'].append((r.grad.double() - e.grad).abs().max().item() / scale)
+    ours, modules = (sorted(v)[len(v) // 2] for v in errors.values())
+    assert len(errors['ours']) > 100 and ours <= 1.25 * modules
 
 
 def test_a_failed_build_falls_back_with_one_message(monkeypatch, tmp_path, capsys):

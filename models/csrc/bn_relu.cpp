@@ -497,6 +497,268 @@ class MaxPool2 : public torch::autograd::Function<MaxPool2> {
 
 at::Tensor max_pool2_train(const at::Tensor& x) { return MaxPool2::apply(x); }
 
+// ----------------------------------------------------------------------------- 1x1 convolutions
+
+#ifdef POSEFAST_AVX512BF16
+// A 1x1 convolution of a channels-last tensor is a matrix product of its N*H*W rows of C_in
+// values with the (C_out, C_in) weight. oneDNN, through PyTorch, spends 50-250 us per call on
+// setting the product up (primitive descriptors, weight reorders, several parallel regions:
+// most of the time of the hourglass's small levels) and its weight gradient runs at half the
+// forward's rate. These products use the AVX-512 BF16 dot product (vdpbf16ps: a float
+// accumulator += the products of two adjacent bfloat16 pairs), each thread holding a tile of
+// the output in registers:
+//   forward   y[m, o]  = b[o] + sum_i x[m, i] w[o, i]      (pairs along i)
+//   backward  dx[m, i] = sum_o dy[m, o] w[o, i]            (pairs along o, the same kernel)
+//             dw[o, i] = sum_m dy[m, o] x[m, i]            (pairs along m: two rows interleaved)
+//             db[o]    = sum_m dy[m, o]
+// in float accumulators, as under autocast (the float32 weight and bias rounded to bfloat16
+// for the products, the output rounded to bfloat16); the weight and bias gradients are the
+// float sums themselves (autocast rounds them to bfloat16 on the way back).
+
+// The 32-bit pair of two bfloat16 values: lo in the low half.
+inline uint32_t pair_of(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
+inline uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }
+
+// R rows x V vectors of 16 outputs: out[r, 16v + j] = bias + sum_p a[r] pair p . b[p][16v + j].
+// a: bfloat16 rows (stride lda), b: pairs [P][ldb] (stride ldb 32-bit words).
+template <int R, int V>
+inline void product_tile(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t P,
+                         const float* bias, uint16_t* out, int64_t ldo) {
+  __m512 acc[R][V];
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[r][v] = bias ? _mm512_loadu_ps(bias + kW * v) : _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    __m512bh bv[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + p * ldb + kW * v);
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r) {
+      uint32_t two;
+      std::memcpy(&two, a + r * lda + 2 * p, sizeof two);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(two));
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + kW * v), (__m256i)_mm512_cvtneps_pbh(acc[r][v]));
+}
+
+// Rows in tiles of R (24 accumulators), in parallel; V vectors of columns.
+template <int V>
+void product_rows(const uint16_t* a, int64_t lda, int64_t M, const uint32_t* b, int64_t ldb, int64_t P,
+                  const float* bias, uint16_t* out, int64_t ldo) {
+  constexpr int R = V == 1 ? 16 : (V == 2 ? 12 : (V == 3 ? 8 : (V == 4 ? 6 : 4)));
+  at::parallel_for(0, (M + R - 1) / R, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m = t * R;
+      if (m + R <= M) {
+        product_tile<R, V>(a + m * lda, lda, b, ldb, P, bias, out + m * ldo, ldo);
+      } else {
+        for (int64_t r = m; r < M; ++r) product_tile<1, V>(a + r * lda, lda, b, ldb, P, bias, out + r * ldo, ldo);
+      }
+    }
+  });
+}
+
+// out[M, cols] = a[M, 2P] . b, b as pairs [P][cols]; cols a multiple of 16, in chunks of up
+// to 6 vectors.
+void product(const uint16_t* a, int64_t lda, int64_t M, const uint32_t* b, int64_t cols, int64_t P,
+             const float* bias, uint16_t* out) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 6 * kW) {
+    const float* bc = bias ? bias + c0 : nullptr;
+    switch (std::min<int64_t>(6, (cols - c0) / kW)) {
+      case 1: product_rows<1>(a, lda, M, b + c0, cols, P, bc, out + c0, cols); break;
+      case 2: product_rows<2>(a, lda, M, b + c0, cols, P, bc, out + c0, cols); break;
+      case 3: product_rows<3>(a, lda, M, b + c0, cols, P, bc, out + c0, cols); break;
+      case 4: product_rows<4>(a, lda, M, b + c0, cols, P, bc, out + c0, cols); break;
+      case 5: product_rows<5>(a, lda, M, b + c0, cols, P, bc, out + c0, cols); break;
+      default: product_rows<6>(a, lda, M, b + c0, cols, P, bc, out + c0, cols); break;
+    }
+  }
+}
+
+// 16 pairs (r0[j], r1[j]) of two bfloat16 rows.
+inline __m512i interleave(const uint16_t* r0, const uint16_t* r1) {
+  const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0)));
+  const __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1)));
+  return _mm512_or_si512(a, _mm512_slli_epi32(b, 16));
+}
+
+constexpr int64_t kRowPairs = 32;  // row pairs per block of the weight gradient
+
+// dw[t, 16v + j] += sum_p dy pair p of output t . x pair p of input 16v + j, T x V tile.
+template <int T, int V>
+inline void weight_tile(const uint32_t* dy, int64_t ldy, const uint32_t* x, int64_t ldx, int64_t P, float* dw,
+                        int64_t ldw) {
+  __m512 acc[T][V];
+#pragma GCC unroll 32
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    __m512bh xv[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) xv[v] = (__m512bh)_mm512_loadu_si512(x + p * ldx + kW * v);
+#pragma GCC unroll 32
+    for (int t = 0; t < T; ++t) {
+      const __m512bh g = (__m512bh)_mm512_set1_epi32(static_cast<int>(dy[p * ldy + t]));
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], g, xv[v]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v)
+      _mm512_storeu_ps(dw + t * ldw + kW * v, _mm512_add_ps(_mm512_loadu_ps(dw + t * ldw + kW * v), acc[t][v]));
+}
+
+template <int V>
+void weight_block(const uint32_t* dy, int64_t Co, const uint32_t* x, int64_t Ci, int64_t P, float* dw) {
+  constexpr int T = V <= 2 ? 8 : (V == 3 ? 6 : 4);
+  int64_t o = 0;
+  for (; o + T <= Co; o += T) weight_tile<T, V>(dy + o, Co, x, Ci, P, dw + o * Ci, Ci);
+  for (; o < Co; ++o) weight_tile<1, V>(dy + o, Co, x, Ci, P, dw + o * Ci, Ci);
+}
+
+// dw (Co x Ci) and db (Co), float, from dy (M x Co) and x (M x Ci), bfloat16 rows: each thread
+// sums its blocks of 2 * kRowPairs rows into float sums of its own, then the threads' sums add.
+void weight_grad(const uint16_t* dy, const uint16_t* x, int64_t M, int64_t Co, int64_t Ci, float* dw, float* db) {
+  const int nt = at::get_num_threads();
+  const int64_t per = Co * Ci + Co;
+  std::vector<float> sums(static_cast<size_t>(nt) * per, 0.f);
+  const std::vector<uint16_t> zeros(std::max(Co, Ci), 0);
+  const int64_t blocks = (M + 2 * kRowPairs - 1) / (2 * kRowPairs);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    float* mine = sums.data() + static_cast<size_t>(at::get_thread_num()) * per;
+    float* mdb = mine + Co * Ci;
+    std::vector<uint32_t> gp(kRowPairs * Co), xp(kRowPairs * Ci);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * 2 * kRowPairs, P = std::min<int64_t>(kRowPairs, (M - r0 + 1) / 2);
+      for (int64_t p = 0; p < P; ++p) {  // interleave the block's row pairs; db from the same loads
+        const int64_t ra = r0 + 2 * p, rb = ra + 1;
+        const uint16_t* ga = dy + ra * Co;
+        const uint16_t* gb = rb < M ? dy + rb * Co : zeros.data();
+        const uint16_t* xa = x + ra * Ci;
+        const uint16_t* xb = rb < M ? x + rb * Ci : zeros.data();
+        for (int64_t c = 0; c < Co; c += kW) {
+          const __m512i v = interleave(ga + c, gb + c);
+          _mm512_storeu_si512(gp.data() + p * Co + c, v);
+          const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+          const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+          _mm512_storeu_ps(mdb + c, _mm512_add_ps(_mm512_loadu_ps(mdb + c), _mm512_add_ps(lo, hi)));
+        }
+        for (int64_t c = 0; c < Ci; c += kW) _mm512_storeu_si512(xp.data() + p * Ci + c, interleave(xa + c, xb + c));
+      }
+      for (int64_t c0 = 0; c0 < Ci; c0 += 6 * kW) {
+        const uint32_t* xc = xp.data() + c0;
+        float* d = mine + c0;
+        switch (std::min<int64_t>(6, (Ci - c0) / kW)) {
+          case 1: weight_block<1>(gp.data(), Co, xc, Ci, P, d); break;
+          case 2: weight_block<2>(gp.data(), Co, xc, Ci, P, d); break;
+          case 3: weight_block<3>(gp.data(), Co, xc, Ci, P, d); break;
+          case 4: weight_block<4>(gp.data(), Co, xc, Ci, P, d); break;
+          case 5: weight_block<5>(gp.data(), Co, xc, Ci, P, d); break;
+          default: weight_block<6>(gp.data(), Co, xc, Ci, P, d); break;
+        }
+      }
+    }
+  });
+  for (int64_t k = 0; k < per; ++k) {
+    float s = 0.f;
+    for (int t = 0; t < nt; ++t) s += sums[static_cast<size_t>(t) * per + k];
+    (k < Co * Ci ? dw[k] : db[k - Co * Ci]) = s;
+  }
+}
+
+void check_conv(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "posefast: conv1x1 takes a channels-last bfloat16 4-d input");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1 && weight.size(1) == x.size(1) &&
+                  weight.scalar_type() == at::kFloat,
+              "posefast: conv1x1 takes a float32 (C_out, C_in, 1, 1) weight matching the input's ", x.size(1),
+              " channels");
+  TORCH_CHECK(x.size(1) % kW == 0 && weight.size(0) % kW == 0, "posefast: conv1x1 takes multiples of ", kW,
+              " channels, got ", x.size(1), " -> ", weight.size(0));
+}
+
+at::Tensor conv1x1_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_conv(x, weight);
+  const int64_t Ci = x.size(1), Co = weight.size(0), M = x.numel() / Ci;
+  const at::Tensor w = weight.contiguous();
+  const float* wp = w.const_data_ptr<float>();
+  std::vector<uint32_t> packed(Ci / 2 * Co);  // [Ci / 2][Co] pairs of the rounded weight
+  for (int64_t p = 0; p < Ci / 2; ++p)
+    for (int64_t o = 0; o < Co; ++o)
+      packed[p * Co + o] = pair_of(bf16_bits(wp[o * Ci + 2 * p]), bf16_bits(wp[o * Ci + 2 * p + 1]));
+  std::vector<float> b;
+  if (bias && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == Co, "posefast: conv1x1 takes a float32 bias of ",
+                Co, " values");
+    const at::Tensor bc = bias->contiguous();
+    for (int64_t o = 0; o < Co; ++o) b.push_back(static_cast<float>(c10::BFloat16(bc.const_data_ptr<float>()[o])));
+  }
+  at::Tensor y = at::empty({x.size(0), Co, x.size(2), x.size(3)}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  product(reinterpret_cast<const uint16_t*>(x.const_data_ptr()), Ci, M, packed.data(), Co, Ci / 2,
+          b.empty() ? nullptr : b.data(), reinterpret_cast<uint16_t*>(y.mutable_data_ptr()));
+  return y;
+}
+
+// dx (when wanted), dw, db (when there is a bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv1x1_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                const at::Tensor& weight, bool input_grad, bool bias_grad) {
+  check_conv(x, weight);
+  const at::Tensor dy = grad_out.to(at::kBFloat16).contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t Ci = x.size(1), Co = weight.size(0), M = x.numel() / Ci;
+  TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(1) == Co && dy.size(2) == x.size(2) && dy.size(3) == x.size(3),
+              "posefast: conv1x1 gradient and output differ in shape");
+  const uint16_t* g = reinterpret_cast<const uint16_t*>(dy.const_data_ptr());
+  at::Tensor dx;
+  if (input_grad) {
+    const at::Tensor w = weight.contiguous();
+    const float* wp = w.const_data_ptr<float>();
+    std::vector<uint32_t> packed(Co / 2 * Ci);  // [Co / 2][Ci] pairs
+    for (int64_t p = 0; p < Co / 2; ++p)
+      for (int64_t i = 0; i < Ci; ++i)
+        packed[p * Ci + i] = pair_of(bf16_bits(wp[2 * p * Ci + i]), bf16_bits(wp[(2 * p + 1) * Ci + i]));
+    dx = at::empty_like(x);
+    product(g, Co, M, packed.data(), Ci, Co / 2, nullptr, reinterpret_cast<uint16_t*>(dx.mutable_data_ptr()));
+  }
+  at::Tensor dw = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor db = at::empty({Co}, weight.options());
+  weight_grad(g, reinterpret_cast<const uint16_t*>(x.const_data_ptr()), M, Co, Ci, dw.mutable_data_ptr<float>(),
+              db.mutable_data_ptr<float>());
+  return {dx, dw, bias_grad ? db : at::Tensor()};
+}
+
+class Conv1x1 : public torch::autograd::Function<Conv1x1> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias) {
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["bias"] = bias.has_value() && bias->defined();
+    return conv1x1_forward(x, weight, bias);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    auto [dx, dw, db] = conv1x1_backward(grads[0], saved[0], saved[1], ctx->needs_input_grad(0), has_bias);
+    return {dx, dw, db};
+  }
+};
+
+at::Tensor conv1x1_train(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return Conv1x1::apply(x, weight, bias);
+}
+#endif  // POSEFAST_AVX512BF16
+
 at::Tensor bn_relu_train_no_grad(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                  at::Tensor running_mean, at::Tensor running_var, double momentum,
                                  double eps) {
@@ -515,12 +777,18 @@ TORCH_LIBRARY(posefast, m) {
   m.def("add(Tensor a, Tensor b) -> Tensor");
   m.def("max_pool2(Tensor x) -> Tensor");
   m.def("max_pool2_backward(Tensor grad_out, Tensor x) -> Tensor");
+#ifdef POSEFAST_AVX512BF16
+  m.def("conv1x1(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(posefast, Autograd, m) {
   m.impl("bn_relu_train", &bn_relu_train);
   m.impl("add", &add_train);
   m.impl("max_pool2", &max_pool2_train);
+#ifdef POSEFAST_AVX512BF16
+  m.impl("conv1x1", &conv1x1_train);
+#endif
 }
 
 TORCH_LIBRARY_IMPL(posefast, CPU, m) {
@@ -530,4 +798,7 @@ TORCH_LIBRARY_IMPL(posefast, CPU, m) {
   m.impl("add", &add_forward);
   m.impl("max_pool2", &max_pool2_forward);
   m.impl("max_pool2_backward", &max_pool2_backward);
+#ifdef POSEFAST_AVX512BF16
+  m.impl("conv1x1", &conv1x1_forward);
+#endif
 }
