@@ -22,12 +22,14 @@ RMSprop, float32); ``quickstart``: the README's quick-start model as it trains
 (conf/models/hourglass_quick.defconf: 2 stacks x 96 with 2 reductions, stem 32, 128 px, batch
 16, Adam, bfloat16 autocast).
 
-As the trainer does, ours trains its bfloat16 BatchNorm-ReLU pairs, residual sums and 2x2
-max-poolings through the C++ kernels (``--fusedBNReLU``, models/fused.py; the same step with them
-off is measured too), steps Adam over one flat buffer (utils/optim.py, as single-process CPU
-training does) and keeps freed memory in its heap (``--keepFreedMemory``, utils/cpu.py: a setting
-of the process, which is why the baseline runs in another one). Trainer options after the
-bench's own switch those off (``--fusedBNReLU false --keepFreedMemory false``).
+As the trainer does, ours trains its bfloat16 BatchNorm-ReLU pairs, residual sums, 2x2
+max-poolings and 1x1 and 3x3 convolutions through the C++ kernels (``--fusedBNReLU``,
+models/fused.py; the same step with them off is measured too), steps Adam over one flat buffer
+(utils/optim.py, as single-process CPU training does), keeps freed memory in its heap
+(``--keepFreedMemory``, utils/cpu.py) and lets OpenMP's threads spin between parallel regions
+(``--spinWait``: ``OMP_WAIT_POLICY=ACTIVE``, unless the environment sets a policy): settings of the
+process, which is why the baseline runs in another one. Trainer options after the bench's own
+switch those off (``--fusedBNReLU false --keepFreedMemory false --spinWait false``).
 """
 import argparse
 import os
@@ -38,6 +40,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# As main.py does for a CPU run with its data made in the main process (utils/cpu.py,
+# --spinWait): OpenMP's threads spin between parallel regions. Set before PyTorch loads; the
+# straightforward implementation's process gets OpenMP's default back.
+_ARGS = ' '.join(sys.argv[1:]).replace('=', ' ')
+_SPIN = ('OMP_WAIT_POLICY' not in os.environ and '--baseline-worker' not in sys.argv
+         and '--spinWait false' not in _ARGS)
+if _SPIN:
+    os.environ['OMP_WAIT_POLICY'] = 'ACTIVE'
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -208,8 +219,11 @@ class Baseline:
     this process waits (the two never compute at the same time)."""
 
     def __init__(self, name, extra):
+        env = dict(os.environ)
+        if _SPIN:
+            env.pop('OMP_WAIT_POLICY')
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--baseline-worker', name, *extra],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         ready = self.proc.stdout.readline().split()
         if not ready or ready[0] != 'ready':
             raise SystemExit(f'the baseline process for {name} did not start (exit code {self.proc.poll()})')
@@ -270,8 +284,9 @@ def run_case(name, args):
           f'stem {opts.stemChannels}, input {h}x{w}, '
           f'batch {b}, {opts.optimizer_type}, {dname}{" autocast" if amp_dtype else ""}, {n_ours:,} parameters, '
           f'{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps')
-    print(f'  ours: C++ kernels {"on" if with_fused else "off"}, keep freed memory {"on" if keep else "off"}; '
-          f'the straightforward one in its own process with PyTorch\'s defaults')
+    policy = os.environ.get('OMP_WAIT_POLICY', 'default')
+    print(f'  ours: C++ kernels {"on" if with_fused else "off"}, keep freed memory {"on" if keep else "off"}, '
+          f'OpenMP wait policy {policy}; the straightforward one in its own process with PyTorch\'s defaults')
     print(f'  matmul 2048^3 {dname:9s}        {med["matmul"] / 1e9:8.1f} GFLOP/s')
     print(f'  forward+backward FLOPs per image {flops / 1e9:8.3f} GFLOP (the baseline: {baseline.flops / 1e9:.3f})')
     lines = [('ours', 'ours (the trainer\'s step)'), ('plain', 'straightforward NCHW')]

@@ -129,31 +129,51 @@ def max_pool2(x):
     return torch.ops.posefast.max_pool2(x)
 
 
-def can_conv1x1(conv, x):
-    """Whether ``conv1x1`` computes what ``conv(x)`` computes under bfloat16 autocast: a 1x1
-    convolution (stride 1, no padding, no groups) of a channels-last bfloat16 CPU tensor with a
-    float32 weight, multiples of 16 channels in and out, on a CPU with AVX-512 BF16."""
+def can_add_up2(upper, lower):
+    """Whether ``add_up2`` computes ``upper + F.interpolate(lower, scale_factor=2)`` here:
+    channels-last bfloat16 CPU tensors with a multiple of 16 channels (up to 1024), the lower
+    branch at half the upper's height and width."""
+    return (_state['enabled'] and upper.dtype == torch.bfloat16 and lower.dtype == torch.bfloat16
+            and upper.device.type == 'cpu' and lower.device.type == 'cpu' and upper.dim() == 4 and lower.dim() == 4
+            and upper.shape[:2] == lower.shape[:2] and upper.shape[1] % 16 == 0 and upper.shape[1] <= 1024
+            and upper.shape[2] == 2 * lower.shape[2] and upper.shape[3] == 2 * lower.shape[3] and lower.numel() > 0
+            and upper.is_contiguous(memory_format=torch.channels_last)
+            and lower.is_contiguous(memory_format=torch.channels_last) and load())
+
+
+def add_up2(upper, lower):
+    """The hourglass's merge ``upper + upsample_nearest(lower, 2)`` in one C++ pass (the same
+    sums bit for bit; no upsampled tensor; backward, the lower gradient sums each 2x2 window)."""
+    return torch.ops.posefast.add_up2(upper, lower)
+
+
+def can_conv(conv, x):
+    """Whether ``conv`` computes what ``conv(x)`` computes under bfloat16 autocast: a 1x1 or 3x3
+    convolution (stride 1, 'same' zero padding, no groups) of a channels-last bfloat16 CPU tensor
+    with a float32 weight, multiples of 16 channels in and out (3x3: at least 32 in; with 16,
+    oneDNN's kernels are faster), on a CPU with AVX-512 BF16."""
+    k = conv.kernel_size[0]
     return (_state['enabled'] and x.dtype == torch.bfloat16 and x.device.type == 'cpu' and x.dim() == 4
-            and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+            and conv.kernel_size in ((1, 1), (3, 3)) and conv.stride == (1, 1) and conv.padding == (k // 2, k // 2)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == 'zeros'
             and conv.weight.dtype == torch.float32 and conv.weight.device.type == 'cpu'
             and conv.in_channels % 16 == 0 and conv.out_channels % 16 == 0 and x.shape[1] == conv.in_channels
-            and torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
+            and (k == 1 or conv.in_channels >= 32) and torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
             and x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last) and load()
-            and _has_conv1x1())
+            and _has_conv())
 
 
-def _has_conv1x1():
-    if _state.get('conv1x1') is None:
-        _state['conv1x1'] = hasattr(torch.ops.posefast, 'conv1x1')
-    return _state['conv1x1']
+def _has_conv():
+    if _state.get('conv') is None:
+        _state['conv'] = hasattr(torch.ops.posefast, 'conv')
+    return _state['conv']
 
 
-def conv1x1(conv, x):
-    """``conv(x)`` for a 1x1 ``nn.Conv2d`` under bfloat16 autocast, through the C++ kernels: the
-    weight and bias rounded to bfloat16 as autocast rounds them, the products summed in float;
-    their gradients are the float sums (autocast's path rounds them to bfloat16 first)."""
-    return torch.ops.posefast.conv1x1(x, conv.weight, conv.bias)
+def conv(module, x):
+    """``module(x)`` for a 1x1 or 3x3 ``nn.Conv2d`` under bfloat16 autocast, through the C++
+    kernels: the weight and bias rounded to bfloat16 as autocast rounds them, the products summed
+    in float; their gradients are the float sums (autocast's path rounds them to bfloat16)."""
+    return torch.ops.posefast.conv(x, module.weight, module.bias)
 
 
 def bn_relu(bn, x):

@@ -33,24 +33,25 @@ class BNReLU(nn.Sequential):
         return _bn_then_relu(self[0], self[1], x)
 
 
-class Conv1x1(nn.Conv2d):
-    """``nn.Conv2d(in_channels, out_channels, 1)`` (its parameters and names); under bfloat16
-    autocast on channels-last CPU tensors one C++ kernel each way (``models.fused.conv1x1``:
-    oneDNN spends most of a small level's time setting each convolution up)."""
+class Conv(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)`` (its
+    parameters and names); 1x1 and 3x3 ones train under bfloat16 autocast on channels-last CPU
+    tensors through one C++ kernel each way (``models.fused.conv``: oneDNN spends most of a
+    small level's time setting each convolution up)."""
 
-    def __init__(self, in_channels, out_channels, bias=True):
-        super().__init__(in_channels, out_channels, 1, bias=bias)
+    def __init__(self, in_channels, out_channels, kernel_size=1, bias=True):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
 
     def forward(self, x):
-        if fused.can_conv1x1(self, x):
-            return fused.conv1x1(self, x)
+        if fused.can_conv(self, x):
+            return fused.conv(self, x)
         return super().forward(x)
 
 
 def conv2d(in_channels, out_channels, kernel_size, stride=1):
-    """A convolution with 'same' padding and a bias; ``Conv1x1`` for 1x1 ones."""
-    if kernel_size == 1 and stride == 1:
-        return Conv1x1(in_channels, out_channels)
+    """A convolution with 'same' padding and a bias (``Conv`` where the stride is 1)."""
+    if stride == 1:
+        return Conv(in_channels, out_channels, kernel_size)
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2)
 
 
@@ -79,7 +80,7 @@ def skip_layer(in_channels, out_channels):
     """Identity when the widths agree, else a 1x1 projection (pose-hg-train's ``skipLayer``)."""
     if in_channels == out_channels:
         return nn.Identity()
-    return Conv1x1(in_channels, out_channels)
+    return Conv(in_channels, out_channels)
 
 
 class Residual(nn.Module):
@@ -93,9 +94,9 @@ class Residual(nn.Module):
         super().__init__()
         mid = out_channels // 2
         self.branch = nn.Sequential(
-            bn_relu(in_channels), Conv1x1(in_channels, mid),
-            bn_relu(mid), nn.Conv2d(mid, mid, 3, padding=1),
-            bn_relu(mid), Conv1x1(mid, out_channels))
+            bn_relu(in_channels), Conv(in_channels, mid),
+            bn_relu(mid), Conv(mid, mid, 3),
+            bn_relu(mid), Conv(mid, out_channels))
         self.skip = skip_layer(in_channels, out_channels)
 
     def forward(self, x):
@@ -183,6 +184,8 @@ class Hourglass(nn.Module):
     def forward(self, x):
         up1 = self.up1(x)
         low = self.low3(self.low2(self.low1(self.pool(x))))
+        if type(self.merge) is AddMerge and fused.can_add_up2(up1, low):
+            return fused.add_up2(up1, low)      # the sum without the upsampled tensor
         return self.merge(up1, upsample_to(low, up1))
 
 
@@ -217,7 +220,7 @@ class StackHead(nn.Module):
         super().__init__()
         self.blocks = repeat_blocks(make_block, channels, channels, num_modules)
         self.lin = conv_bn_relu(channels, channels, 1)
-        self.score = Conv1x1(channels, num_joints)
+        self.score = Conv(channels, num_joints)
 
     def forward(self, x):
         feat = self.lin(self.blocks(x))
@@ -230,8 +233,8 @@ class Remap(nn.Module):
 
     def __init__(self, channels, num_joints):
         super().__init__()
-        self.features = Conv1x1(channels, channels)
-        self.heatmaps = Conv1x1(num_joints, channels)
+        self.features = Conv(channels, channels)
+        self.heatmaps = Conv(num_joints, channels)
 
     def forward(self, x, features, heatmaps):
         return fused.add(fused.add(x, self.features(features)), self.heatmaps(heatmaps))

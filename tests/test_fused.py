@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import fused
-from models.layers import BNReLU, Conv1x1, ConvBNReLU, MaxPool2, Residual
+from models.layers import BNReLU, Conv, ConvBNReLU, MaxPool2, Residual
 from models.hourglass import StackedHourglass
 from utils.cpu import keep_freed_memory
 
@@ -226,7 +226,7 @@ def test_max_pool2_is_pytorchs_bit_for_bit(dtype):
     assert not fused.can_pool(odd) and torch.equal(MaxPool2()(odd), F.max_pool2d(odd, 2, 2))
 
 
-needs_conv1x1 = pytest.mark.skipif(not (fused.load() and fused._has_conv1x1()),
+needs_conv = pytest.mark.skipif(not (fused.load() and fused._has_conv()),
                                    reason='the 1x1 convolution kernels need AVX-512 BF16')
 
 
@@ -234,32 +234,34 @@ def bf16_autocast():
     return torch.autocast('cpu', dtype=torch.bfloat16)
 
 
-@needs_conv1x1
-@pytest.mark.parametrize('shape,out_channels,bias', [((3, 96, 5, 7), 48, True), ((2, 48, 4, 4), 96, False),
-                                                     ((1, 16, 3, 3), 112, True), ((2, 128, 2, 3), 16, True)])
-def test_conv1x1_matches_float64(shape, out_channels, bias):
+@needs_conv
+@pytest.mark.parametrize('shape,out_channels,k,bias', [
+    ((3, 96, 5, 7), 48, 1, True), ((2, 48, 4, 4), 96, 1, False), ((1, 16, 3, 3), 112, 1, True),
+    ((2, 128, 2, 3), 16, 1, True), ((2, 48, 8, 8), 48, 3, True), ((3, 32, 5, 7), 16, 3, False),
+    ((1, 32, 1, 19), 112, 3, True), ((2, 112, 3, 2), 32, 3, True)])
+def test_conv_matches_float64(shape, out_channels, k, bias):
     """Forward: autocast's function (the weight and bias rounded to bfloat16, the output rounded
     once); backward: the input gradient as autocast's, the weight and bias gradients the float
     sums (within 1e-5 of float64, where autocast's path rounds them to bfloat16)."""
     torch.manual_seed(0)
-    conv = Conv1x1(shape[1], out_channels, bias=bias)
+    conv = Conv(shape[1], out_channels, k, bias=bias)
     x = channels_last(torch.randn(*shape).bfloat16()).requires_grad_()
     grad = channels_last(torch.randn(shape[0], out_channels, *shape[2:]).bfloat16())
     calls = []
-    real = fused.conv1x1
-    fused.conv1x1 = lambda c, t: calls.append(1) or real(c, t)
+    real = fused.conv
+    fused.conv = lambda c, t: calls.append(1) or real(c, t)
     try:
         with bf16_autocast():
             y = conv(x)
     finally:
-        fused.conv1x1 = real
+        fused.conv = real
     assert calls == [1] and y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
     params = [x] + list(conv.parameters())
     grads = torch.autograd.grad(y, params, grad)
     xd = x.detach().double().requires_grad_()
     wd = conv.weight.detach().bfloat16().double().requires_grad_()
     bd = conv.bias.detach().bfloat16().double().requires_grad_() if bias else None
-    exact = F.conv2d(xd, wd, bd)
+    exact = F.conv2d(xd, wd, bd, padding=k // 2)
     truth = torch.autograd.grad(exact, [xd, wd] + ([bd] if bias else []), grad.double())
     # the output: the float sum rounded once to bfloat16 (8 bits), as oneDNN's
     assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
@@ -283,24 +285,25 @@ def test_conv1x1_matches_float64(shape, out_channels, bias):
         assert torch.equal(conv(x), y)
 
 
-@needs_conv1x1
-def test_conv1x1_runs_only_where_it_applies(monkeypatch):
+@needs_conv
+def test_conv_runs_only_where_it_applies(monkeypatch):
     calls = []
-    real = fused.conv1x1
-    monkeypatch.setattr(fused, 'conv1x1', lambda c, t: calls.append(tuple(t.shape)) or real(c, t))
-    conv = Conv1x1(16, 32)
+    real = fused.conv
+    monkeypatch.setattr(fused, 'conv', lambda c, t: calls.append(tuple(t.shape)) or real(c, t))
+    conv = Conv(16, 32)
     assert list(conv.state_dict()) == ['weight', 'bias'] and isinstance(conv, nn.Conv2d)
     x = channels_last(torch.randn(2, 16, 4, 4).bfloat16())
     cases = [(conv, x.contiguous(), True),                          # NCHW
              (conv, x.float(), True),                               # float32 input
              (conv, x, False),                                      # no autocast
-             (Conv1x1(16, 17), x, True)]                            # 17 outputs (COCO's joints)
+             (Conv(16, 17), x, True),                               # 17 outputs (COCO's joints)
+             (Conv(16, 32, 3), x, True)]                            # 3x3 with 16 inputs
     for module, inp, autocast in cases:
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
             out = module(inp) if autocast or inp.dtype == module.weight.dtype else None
         assert out is None or out.shape[1] == module.out_channels
     with torch.autocast('cpu', dtype=torch.float16):
-        assert not fused.can_conv1x1(conv, x)
+        assert not fused.can_conv(conv, x)
     fused.set_enabled(False)
     try:
         with bf16_autocast():
@@ -312,12 +315,12 @@ def test_conv1x1_runs_only_where_it_applies(monkeypatch):
         conv(x)
     assert calls == [(2, 16, 4, 4)]
     with pytest.raises(RuntimeError, match='multiples of 16'):
-        torch.ops.posefast.conv1x1(channels_last(torch.randn(1, 8, 2, 2).bfloat16()), torch.randn(16, 8, 1, 1), None)
+        torch.ops.posefast.conv(channels_last(torch.randn(1, 8, 2, 2).bfloat16()), torch.randn(16, 8, 1, 1), None)
     with pytest.raises(RuntimeError, match='channels-last bfloat16'):
-        torch.ops.posefast.conv1x1(x.contiguous(), conv.weight, conv.bias)
+        torch.ops.posefast.conv(x.contiguous(), conv.weight, conv.bias)
 
 
-@needs_conv1x1
+@needs_conv
 def test_bfloat16_hourglass_step_through_the_kernels():
     """A bfloat16 autocast step of a small hourglass with every kernel on, against the modules'
     step and a float64 step: each 1x1 convolution through the C++ kernel, and the gradients as
@@ -329,7 +332,7 @@ def test_bfloat16_hourglass_step_through_the_kernels():
     x = channels_last(torch.randn(4, 3, 64, 64))
     target = torch.rand(4, 16, 16, 16)
     calls = []
-    real = fused.conv1x1
+    real = fused.conv
 
     def step(model, dtype=torch.float32):
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.float32):
@@ -338,12 +341,14 @@ def test_bfloat16_hourglass_step_through_the_kernels():
         loss.backward()
         return loss.item()
 
-    fused.conv1x1 = lambda c, t: calls.append(1) or real(c, t)
+    fused.conv = lambda c, t: calls.append(1) or real(c, t)
     try:
         loss = step(net)
     finally:
-        fused.conv1x1 = real
-    assert len(calls) == sum(isinstance(m, Conv1x1) for m in net.modules()) > 20
+        fused.conv = real
+    # every 1x1 and 3x3 convolution but the 3x3 ones with 16 inputs (oneDNN's are faster there)
+    expected = [m for m in net.modules() if isinstance(m, Conv) and (m.kernel_size == (1, 1) or m.in_channels >= 32)]
+    assert len(calls) == len(expected) > 40
     fused.set_enabled(False)
     try:
         loss_ref = step(ref)
@@ -381,3 +386,69 @@ def test_a_failed_build_falls_back_with_one_message(monkeypatch, tmp_path, capsy
 def test_keep_freed_memory_applies_once():
     assert keep_freed_memory() is True
     assert keep_freed_memory() is True
+
+
+def test_spin_wait_only_for_one_process_making_its_own_data(tmp_path):
+    """``utils.cpu.spin_wait`` (main.py, before PyTorch loads): OMP_WAIT_POLICY=ACTIVE for a CPU
+    run with --nThreads 0 in one process; never over the environment's policy, with loader
+    workers, under torchrun, for --spinWait false, or for a command line that does not parse."""
+    script = tmp_path / 'probe.py'
+    script.write_text('''
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from utils.cpu import spin_wait
+quick = ['-DataConfig', 'conf/datasets/synthetic.defconf', '-ModelConfig', 'conf/models/hourglass_quick.defconf']
+cases = [('quick', quick, {}), ('workers', quick + ['--nThreads', '2'], {}), ('off', quick + ['--spinWait', 'false'], {}),
+         ('env', quick, {'OMP_WAIT_POLICY': 'PASSIVE'}), ('torchrun', quick, {'WORLD_SIZE': '2'}),
+         ('bad', quick + ['--nosuchoption'], {})]
+for name, argv, env in cases:
+    os.environ.pop('OMP_WAIT_POLICY', None)
+    os.environ.pop('WORLD_SIZE', None)
+    os.environ.update(env)
+    print(name, spin_wait(argv), os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)
+''')
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ('OMP_WAIT_POLICY', 'WORLD_SIZE')}
+    out = subprocess.run([sys.executable, str(script), root], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split('\n')
+    assert out[:6] == ['quick True ACTIVE False', 'workers False None False', 'off False None False',
+                       'env False PASSIVE False', 'torchrun False None False', 'bad False None False']
+
+
+@needs_kernels
+def test_add_up2_is_upsampling_then_the_sum():
+    """The hourglass's merge in one pass: the same sums bit for bit as upsampling and adding; the
+    lower branch's gradient each 2x2 window's sum (rounded once, within a bfloat16 step of
+    PyTorch's upsampling gradient)."""
+    from models.layers import Hourglass
+    g = torch.Generator().manual_seed(0)
+    upper = channels_last(torch.randn(2, 32, 6, 8, generator=g).bfloat16()).requires_grad_()
+    lower = channels_last((torch.randn(2, 32, 3, 4, generator=g) * 50).bfloat16()).requires_grad_()
+    assert fused.can_add_up2(upper, lower)
+    out = fused.add_up2(upper, lower)
+    ref = upper + F.interpolate(lower, scale_factor=2, mode='nearest')
+    assert torch.equal(out, ref) and out.is_contiguous(memory_format=torch.channels_last)
+    grad = channels_last(torch.randn(2, 32, 6, 8, generator=g).bfloat16())
+    gu, gl = torch.autograd.grad(out, (upper, lower), grad)
+    ru, rl = torch.autograd.grad(ref, (upper, lower), grad)
+    exact = F.avg_pool2d(grad.double(), 2) * 4
+    assert torch.equal(gu, ru)
+    assert ((gl.double() - exact).abs() <= exact.abs() * 2 ** -8).all()
+    assert (gl.double() - rl.double()).abs().max() <= 2 ** -7 * exact.abs().max()
+    assert not fused.can_add_up2(upper.float(), lower.float())
+    assert not fused.can_add_up2(upper, lower[:, :, :2])
+    hg = Hourglass(1, 32).train()
+    calls = []
+    real = fused.add_up2
+    fused.add_up2 = lambda a, b: calls.append(1) or real(a, b)
+    try:
+        with bf16_autocast():
+            hg(channels_last(torch.randn(2, 32, 8, 8)).bfloat16())
+        hg(channels_last(torch.randn(2, 32, 8, 8)))          # float32: upsampling and the sum
+    finally:
+        fused.add_up2 = real
+    assert calls == [1]
+    with pytest.raises(RuntimeError, match='half the upper'):
+        torch.ops.posefast.add_up2(upper.detach(), upper.detach())

@@ -497,88 +497,209 @@ class MaxPool2 : public torch::autograd::Function<MaxPool2> {
 
 at::Tensor max_pool2_train(const at::Tensor& x) { return MaxPool2::apply(x); }
 
-// ----------------------------------------------------------------------------- 1x1 convolutions
+// ----------------------------------------------------------------------------- the hourglass's merge
+
+// upper + the lower branch upsampled by 2 (nearest), the hourglass family's merge of its two
+// branches, on channels-last bfloat16 tensors: one pass, without the upsampled tensor (each sum
+// in float rounded to nearest even: PyTorch's upsampling then addition, bit for bit); backward,
+// the gradient of the upper branch is the output's and that of the lower branch the sum of
+// each 2x2 window's, in float, rounded once.
+void check_up2(const at::Tensor& upper, const at::Tensor& lower) {
+  check_input(upper, "upper branch");
+  check_input(lower, "lower branch");
+  TORCH_CHECK(upper.scalar_type() == at::kBFloat16 && lower.scalar_type() == at::kBFloat16,
+              "posefast: add_up2 takes bfloat16 tensors");
+  TORCH_CHECK(upper.size(0) == lower.size(0) && upper.size(1) == lower.size(1) && upper.size(2) == 2 * lower.size(2) &&
+                  upper.size(3) == 2 * lower.size(3),
+              "posefast: add_up2 takes a lower branch of half the upper's height and width");
+}
+
+at::Tensor add_up2_forward(const at::Tensor& upper, const at::Tensor& lower) {
+  check_up2(upper, lower);
+  const int64_t N = upper.size(0), C = upper.size(1), H = upper.size(2), W = upper.size(3), nc = C / kW;
+  at::Tensor out = at::empty_like(upper);
+  const uint16_t* up = reinterpret_cast<const uint16_t*>(upper.const_data_ptr());
+  const uint16_t* lo = reinterpret_cast<const uint16_t*>(lower.const_data_ptr());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
+  at::parallel_for(0, N * H, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t n = row / H, h = row % H;
+      const uint16_t* lrow = lo + ((n * (H / 2) + h / 2) * (W / 2)) * C;
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t o = (row * W + w) * C;
+        const uint16_t* l = lrow + (w / 2) * C;
+        for (int64_t q = 0; q < nc; ++q) BF16::store(op + o + q * kW, BF16::load(up + o + q * kW) + BF16::load(l + q * kW));
+      }
+    }
+  });
+  return out;
+}
+
+// The lower branch's gradient: (N, C, LH, LW) from the output's (N, C, 2 LH, 2 LW).
+at::Tensor add_up2_backward_lower(const at::Tensor& grad, int64_t N, int64_t C, int64_t LH, int64_t LW) {
+  const at::Tensor g = grad.to(at::kBFloat16).contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(g.dim() == 4 && g.size(0) == N && g.size(1) == C && g.size(2) == 2 * LH && g.size(3) == 2 * LW,
+              "posefast: add_up2 gradient and output differ in shape");
+  const int64_t W = 2 * LW, nc = C / kW;
+  at::Tensor dl = at::empty({N, C, LH, LW}, g.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const uint16_t* gp = reinterpret_cast<const uint16_t*>(g.const_data_ptr());
+  uint16_t* dp = reinterpret_cast<uint16_t*>(dl.mutable_data_ptr());
+  at::parallel_for(0, N * LH, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t n = row / LH, i = row % LH;
+      const uint16_t* top = gp + ((n * 2 * LH + 2 * i) * W) * C;
+      const uint16_t* bottom = top + W * C;
+      for (int64_t j = 0; j < LW; ++j) {
+        const int64_t a = 2 * j * C, b = a + C;
+        for (int64_t q = 0; q < nc; ++q) {
+          const int64_t c = q * kW;
+          BF16::store(dp + (row * LW + j) * C + c,
+                      ((BF16::load(top + a + c) + BF16::load(top + b + c)) + BF16::load(bottom + a + c)) + BF16::load(bottom + b + c));
+        }
+      }
+    }
+  });
+  return dl;
+}
+
+class AddUp2 : public torch::autograd::Function<AddUp2> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& upper, const at::Tensor& lower) {
+    ctx->saved_data["lower"] = std::vector<int64_t>(lower.sizes().begin(), lower.sizes().end());
+    return add_up2_forward(upper, lower);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const std::vector<int64_t> s = ctx->saved_data["lower"].toIntVector();
+    return {grads[0], add_up2_backward_lower(grads[0], s[0], s[1], s[2], s[3])};
+  }
+};
+
+at::Tensor add_up2_train(const at::Tensor& upper, const at::Tensor& lower) { return AddUp2::apply(upper, lower); }
+
+// ----------------------------------------------------------------------------- convolutions
 
 #ifdef POSEFAST_AVX512BF16
-// A 1x1 convolution of a channels-last tensor is a matrix product of its N*H*W rows of C_in
-// values with the (C_out, C_in) weight. oneDNN, through PyTorch, spends 50-250 us per call on
-// setting the product up (primitive descriptors, weight reorders, several parallel regions:
-// most of the time of the hourglass's small levels) and its weight gradient runs at half the
-// forward's rate. These products use the AVX-512 BF16 dot product (vdpbf16ps: a float
-// accumulator += the products of two adjacent bfloat16 pairs), each thread holding a tile of
-// the output in registers:
-//   forward   y[m, o]  = b[o] + sum_i x[m, i] w[o, i]      (pairs along i)
-//   backward  dx[m, i] = sum_o dy[m, o] w[o, i]            (pairs along o, the same kernel)
-//             dw[o, i] = sum_m dy[m, o] x[m, i]            (pairs along m: two rows interleaved)
-//             db[o]    = sum_m dy[m, o]
-// in float accumulators, as under autocast (the float32 weight and bias rounded to bfloat16
-// for the products, the output rounded to bfloat16); the weight and bias gradients are the
-// float sums themselves (autocast rounds them to bfloat16 on the way back).
+// 1x1 and 3x3 convolutions (stride 1, 'same' padding) of channels-last bfloat16 tensors under
+// autocast. oneDNN, through PyTorch, spends 50-250 us per call on setting a convolution up
+// (primitive descriptors, weight reorders, several parallel regions: most of the time of the
+// hourglass's small levels), and its weight gradients run at about two thirds of its forward
+// rate. Here a k x k convolution is k*k matrix products of the N*H*W pixels (rows of C_in
+// values) with the (C_out, C_in) slices of the weight, summed, on the AVX-512 BF16 dot product
+// (vdpbf16ps: a float accumulator += the products of two adjacent bfloat16 pairs), each thread
+// holding a tile of the output in registers:
+//   forward   y[p, o]  = b[o] + sum_t sum_i xpad[p + t, i] w[o, i, t]   (pairs along i)
+//   backward  dx[p, i] = sum_t sum_o dypad[p + t, o] w[o, i, flip t]   (pairs along o)
+//             dw[o, i, t] = sum_p dy[p, o] xpad[p + t, i]             (pairs of pixels)
+//             db[o] = sum_p dy[p, o]
+// (xpad, dypad: copies with a zero border of k/2 pixels; p + t: the pixel shifted by tap t) in
+// float accumulators, as under autocast: the float32 weight and bias rounded to bfloat16 for
+// the products, the output rounded once to bfloat16. The weight and bias gradients are the
+// float sums themselves (autocast's path rounds them to bfloat16 on the way back).
 
 // The 32-bit pair of two bfloat16 values: lo in the low half.
 inline uint32_t pair_of(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
 inline uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }
 
-// R rows x V vectors of 16 outputs: out[r, 16v + j] = bias + sum_p a[r] pair p . b[p][16v + j].
-// a: bfloat16 rows (stride lda), b: pairs [P][ldb] (stride ldb 32-bit words).
+struct ConvShape {
+  int64_t N, H, W, Ci, Co, k;
+  int64_t pad() const { return k / 2; }
+  int64_t HP() const { return H + 2 * pad(); }
+  int64_t WP() const { return W + 2 * pad(); }
+  int64_t taps() const { return k * k; }
+  int64_t pixels() const { return N * H * W; }
+  // offset (in pixels) of tap t from a pixel of a padded image
+  int64_t tap(int64_t t) const { return (t / k) * WP() + t % k; }
+  // the padded pixel under output pixel (n, h, w): its index in the padded tensor
+  int64_t padded(int64_t n, int64_t h, int64_t w) const { return (n * HP() + h) * WP() + w; }
+};
+
+// R pixels x V vectors of 16 outputs: out[r, 16v + j] = bias + sum over taps and pairs of
+// a[r + tap] pair p . b[tap][p][16v + j]. a: bfloat16 pixel rows (lda values apart), b: pairs
+// [taps][P][ldb].
 template <int R, int V>
-inline void product_tile(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t P,
-                         const float* bias, uint16_t* out, int64_t ldo) {
+inline void product_tile(const uint16_t* a, int64_t lda, const int64_t* tap, int64_t taps, const uint32_t* b,
+                         int64_t ldb, int64_t P, const float* bias, uint16_t* out, int64_t ldo) {
   __m512 acc[R][V];
-#pragma GCC unroll 32
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) acc[r][v] = bias ? _mm512_loadu_ps(bias + kW * v) : _mm512_setzero_ps();
-  for (int64_t p = 0; p < P; ++p) {
-    __m512bh bv[V];
+  for (int64_t t = 0; t < taps; ++t) {
+    const uint16_t* at_ = a + tap[t] * lda;
+    const uint32_t* bt = b + t * P * ldb;
+    for (int64_t p = 0; p < P; ++p) {
+      __m512bh bv[V];
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + p * ldb + kW * v);
-#pragma GCC unroll 32
-    for (int r = 0; r < R; ++r) {
-      uint32_t two;
-      std::memcpy(&two, a + r * lda + 2 * p, sizeof two);
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(two));
+      for (int v = 0; v < V; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bt + p * ldb + kW * v);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        uint32_t two;
+        std::memcpy(&two, at_ + r * lda + 2 * p, sizeof two);
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(two));
 #pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+      }
     }
   }
-#pragma GCC unroll 32
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + kW * v), (__m256i)_mm512_cvtneps_pbh(acc[r][v]));
 }
 
-// Rows in tiles of R (24 accumulators), in parallel; V vectors of columns.
+// A run of n consecutive pixels: tiles of R (a power of two), the rest in halving tiles.
+template <int R, int V>
+inline void product_run(const uint16_t* a, int64_t lda, int64_t n, const int64_t* tap, int64_t taps,
+                        const uint32_t* b, int64_t ldb, int64_t P, const float* bias, uint16_t* out, int64_t ldo) {
+  int64_t i = 0;
+  for (; i + R <= n; i += R) product_tile<R, V>(a + i * lda, lda, tap, taps, b, ldb, P, bias, out + i * ldo, ldo);
+  if constexpr (R > 1) {
+    if (i < n) product_run<R / 2, V>(a + i * lda, lda, n - i, tap, taps, b, ldb, P, bias, out + i * ldo, ldo);
+  }
+}
+
+// out (pixels x cols) = the sum over taps of a's shifted pixels . b; for a 1x1 convolution the
+// pixels are one run, for a 3x3 one each image row is a run of W pixels of the padded input.
 template <int V>
-void product_rows(const uint16_t* a, int64_t lda, int64_t M, const uint32_t* b, int64_t ldb, int64_t P,
-                  const float* bias, uint16_t* out, int64_t ldo) {
-  constexpr int R = V == 1 ? 16 : (V == 2 ? 12 : (V == 3 ? 8 : (V == 4 ? 6 : 4)));
-  at::parallel_for(0, (M + R - 1) / R, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t m = t * R;
-      if (m + R <= M) {
-        product_tile<R, V>(a + m * lda, lda, b, ldb, P, bias, out + m * ldo, ldo);
-      } else {
-        for (int64_t r = m; r < M; ++r) product_tile<1, V>(a + r * lda, lda, b, ldb, P, bias, out + r * ldo, ldo);
+void product_cols(const uint16_t* a, const ConvShape& s, int64_t cin, const int64_t* tap, const uint32_t* b,
+                  int64_t ldb, const float* bias, uint16_t* out, int64_t ldo) {
+  constexpr int R = V == 1 ? 16 : (V <= 3 ? 8 : 4);  // at most 24 accumulators
+  const int64_t P = cin / 2, taps = s.taps();
+  if (s.k == 1) {
+    const int64_t M = s.pixels(), chunk = 4 * R;
+    at::parallel_for(0, (M + chunk - 1) / chunk, 4, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t m = c * chunk, n = std::min(chunk, M - m);
+        product_run<R, V>(a + m * cin, cin, n, tap, taps, b, ldb, P, bias, out + m * ldo, ldo);
       }
+    });
+    return;
+  }
+  at::parallel_for(0, s.N * s.H, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t n = row / s.H, h = row % s.H;
+      product_run<R, V>(a + s.padded(n, h, 0) * cin, cin, s.W, tap, taps, b, ldb, P, bias,
+                        out + row * s.W * ldo, ldo);
     }
   });
 }
 
-// out[M, cols] = a[M, 2P] . b, b as pairs [P][cols]; cols a multiple of 16, in chunks of up
-// to 6 vectors.
-void product(const uint16_t* a, int64_t lda, int64_t M, const uint32_t* b, int64_t cols, int64_t P,
+// The columns in chunks of up to 6 vectors (96 channels).
+void product(const uint16_t* a, const ConvShape& s, int64_t cin, int64_t cols, const uint32_t* b,
              const float* bias, uint16_t* out) {
+  std::vector<int64_t> tap(s.taps());
+  for (int64_t t = 0; t < s.taps(); ++t) tap[t] = s.tap(t);
   for (int64_t c0 = 0; c0 < cols; c0 += 6 * kW) {
     const float* bc = bias ? bias + c0 : nullptr;
     switch (std::min<int64_t>(6, (cols - c0) / kW)) {
-      case 1: product_rows<1>(a, lda, M, b + c0, cols, P, bc, out + c0, cols); break;
-      case 2: product_rows<2>(a, lda, M, b + c0, cols, P, bc, out + c0, cols); break;
-      case 3: product_rows<3>(a, lda, M, b + c0, cols, P, bc, out + c0, cols); break;
-      case 4: product_rows<4>(a, lda, M, b + c0, cols, P, bc, out + c0, cols); break;
-      case 5: product_rows<5>(a, lda, M, b + c0, cols, P, bc, out + c0, cols); break;
-      default: product_rows<6>(a, lda, M, b + c0, cols, P, bc, out + c0, cols); break;
+      case 1: product_cols<1>(a, s, cin, tap.data(), b + c0, cols, bc, out + c0, cols); break;
+      case 2: product_cols<2>(a, s, cin, tap.data(), b + c0, cols, bc, out + c0, cols); break;
+      case 3: product_cols<3>(a, s, cin, tap.data(), b + c0, cols, bc, out + c0, cols); break;
+      case 4: product_cols<4>(a, s, cin, tap.data(), b + c0, cols, bc, out + c0, cols); break;
+      case 5: product_cols<5>(a, s, cin, tap.data(), b + c0, cols, bc, out + c0, cols); break;
+      default: product_cols<6>(a, s, cin, tap.data(), b + c0, cols, bc, out + c0, cols); break;
     }
   }
 }
@@ -590,14 +711,14 @@ inline __m512i interleave(const uint16_t* r0, const uint16_t* r1) {
   return _mm512_or_si512(a, _mm512_slli_epi32(b, 16));
 }
 
-constexpr int64_t kRowPairs = 32;  // row pairs per block of the weight gradient
+constexpr int64_t kPixelPairs = 32;  // pixel pairs per block of the weight gradient
 
-// dw[t, 16v + j] += sum_p dy pair p of output t . x pair p of input 16v + j, T x V tile.
+// dw[t, 16v + j] += sum_p dy pair p of output t . x pair p of input 16v + j, a T x V tile.
 template <int T, int V>
 inline void weight_tile(const uint32_t* dy, int64_t ldy, const uint32_t* x, int64_t ldx, int64_t P, float* dw,
                         int64_t ldw) {
   __m512 acc[T][V];
-#pragma GCC unroll 32
+#pragma GCC unroll 16
   for (int t = 0; t < T; ++t)
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
@@ -605,14 +726,14 @@ inline void weight_tile(const uint32_t* dy, int64_t ldy, const uint32_t* x, int6
     __m512bh xv[V];
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) xv[v] = (__m512bh)_mm512_loadu_si512(x + p * ldx + kW * v);
-#pragma GCC unroll 32
+#pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
       const __m512bh g = (__m512bh)_mm512_set1_epi32(static_cast<int>(dy[p * ldy + t]));
 #pragma GCC unroll 8
       for (int v = 0; v < V; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], g, xv[v]);
     }
   }
-#pragma GCC unroll 32
+#pragma GCC unroll 16
   for (int t = 0; t < T; ++t)
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v)
@@ -627,26 +748,30 @@ void weight_block(const uint32_t* dy, int64_t Co, const uint32_t* x, int64_t Ci,
   for (; o < Co; ++o) weight_tile<1, V>(dy + o, Co, x, Ci, P, dw + o * Ci, Ci);
 }
 
-// dw (Co x Ci) and db (Co), float, from dy (M x Co) and x (M x Ci), bfloat16 rows: each thread
-// sums its blocks of 2 * kRowPairs rows into float sums of its own, then the threads' sums add.
-void weight_grad(const uint16_t* dy, const uint16_t* x, int64_t M, int64_t Co, int64_t Ci, float* dw, float* db) {
+// dw ([taps][Co][Ci]) and db (Co), float, from dy (pixels x Co) and x (the padded input for a
+// 3x3 convolution): each thread sums its blocks of 2 * kPixelPairs pixels into float sums of
+// its own, then the threads' sums add.
+void weight_grad(const uint16_t* dy, const uint16_t* x, const ConvShape& s, float* dw, float* db) {
+  const int64_t Co = s.Co, Ci = s.Ci, M = s.pixels(), taps = s.taps();
   const int nt = at::get_num_threads();
-  const int64_t per = Co * Ci + Co;
+  const int64_t per = taps * Co * Ci + Co;
   std::vector<float> sums(static_cast<size_t>(nt) * per, 0.f);
   const std::vector<uint16_t> zeros(std::max(Co, Ci), 0);
-  const int64_t blocks = (M + 2 * kRowPairs - 1) / (2 * kRowPairs);
+  const int64_t blocks = (M + 2 * kPixelPairs - 1) / (2 * kPixelPairs);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     float* mine = sums.data() + static_cast<size_t>(at::get_thread_num()) * per;
-    float* mdb = mine + Co * Ci;
-    std::vector<uint32_t> gp(kRowPairs * Co), xp(kRowPairs * Ci);
+    float* mdb = mine + taps * Co * Ci;
+    std::vector<uint32_t> gp(kPixelPairs * Co), xp(kPixelPairs * Ci);
+    std::vector<int64_t> base(2 * kPixelPairs);  // each pixel's padded index (-1: past the end)
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * 2 * kRowPairs, P = std::min<int64_t>(kRowPairs, (M - r0 + 1) / 2);
-      for (int64_t p = 0; p < P; ++p) {  // interleave the block's row pairs; db from the same loads
-        const int64_t ra = r0 + 2 * p, rb = ra + 1;
-        const uint16_t* ga = dy + ra * Co;
-        const uint16_t* gb = rb < M ? dy + rb * Co : zeros.data();
-        const uint16_t* xa = x + ra * Ci;
-        const uint16_t* xb = rb < M ? x + rb * Ci : zeros.data();
+      const int64_t m0 = blk * 2 * kPixelPairs, P = std::min<int64_t>(kPixelPairs, (M - m0 + 1) / 2);
+      for (int64_t j = 0; j < 2 * P; ++j) {
+        const int64_t m = m0 + j;
+        base[j] = m >= M ? -1 : (s.k == 1 ? m : s.padded(m / (s.H * s.W), (m / s.W) % s.H, m % s.W));
+      }
+      for (int64_t p = 0; p < P; ++p) {  // the block's pixel pairs of dy; db from the same loads
+        const uint16_t* ga = dy + (m0 + 2 * p) * Co;
+        const uint16_t* gb = base[2 * p + 1] < 0 ? zeros.data() : ga + Co;
         for (int64_t c = 0; c < Co; c += kW) {
           const __m512i v = interleave(ga + c, gb + c);
           _mm512_storeu_si512(gp.data() + p * Co + c, v);
@@ -654,108 +779,170 @@ void weight_grad(const uint16_t* dy, const uint16_t* x, int64_t M, int64_t Co, i
           const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
           _mm512_storeu_ps(mdb + c, _mm512_add_ps(_mm512_loadu_ps(mdb + c), _mm512_add_ps(lo, hi)));
         }
-        for (int64_t c = 0; c < Ci; c += kW) _mm512_storeu_si512(xp.data() + p * Ci + c, interleave(xa + c, xb + c));
       }
-      for (int64_t c0 = 0; c0 < Ci; c0 += 6 * kW) {
-        const uint32_t* xc = xp.data() + c0;
-        float* d = mine + c0;
-        switch (std::min<int64_t>(6, (Ci - c0) / kW)) {
-          case 1: weight_block<1>(gp.data(), Co, xc, Ci, P, d); break;
-          case 2: weight_block<2>(gp.data(), Co, xc, Ci, P, d); break;
-          case 3: weight_block<3>(gp.data(), Co, xc, Ci, P, d); break;
-          case 4: weight_block<4>(gp.data(), Co, xc, Ci, P, d); break;
-          case 5: weight_block<5>(gp.data(), Co, xc, Ci, P, d); break;
-          default: weight_block<6>(gp.data(), Co, xc, Ci, P, d); break;
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t shift = s.k == 1 ? 0 : s.tap(t);
+        for (int64_t p = 0; p < P; ++p) {
+          const uint16_t* xa = x + (base[2 * p] + shift) * Ci;
+          const uint16_t* xb = base[2 * p + 1] < 0 ? zeros.data() : x + (base[2 * p + 1] + shift) * Ci;
+          for (int64_t c = 0; c < Ci; c += kW) _mm512_storeu_si512(xp.data() + p * Ci + c, interleave(xa + c, xb + c));
+        }
+        for (int64_t c0 = 0; c0 < Ci; c0 += 6 * kW) {
+          const uint32_t* xc = xp.data() + c0;
+          float* d = mine + t * Co * Ci + c0;
+          switch (std::min<int64_t>(6, (Ci - c0) / kW)) {
+            case 1: weight_block<1>(gp.data(), Co, xc, Ci, P, d); break;
+            case 2: weight_block<2>(gp.data(), Co, xc, Ci, P, d); break;
+            case 3: weight_block<3>(gp.data(), Co, xc, Ci, P, d); break;
+            case 4: weight_block<4>(gp.data(), Co, xc, Ci, P, d); break;
+            case 5: weight_block<5>(gp.data(), Co, xc, Ci, P, d); break;
+            default: weight_block<6>(gp.data(), Co, xc, Ci, P, d); break;
+          }
         }
       }
     }
   });
-  for (int64_t k = 0; k < per; ++k) {
-    float s = 0.f;
-    for (int t = 0; t < nt; ++t) s += sums[static_cast<size_t>(t) * per + k];
-    (k < Co * Ci ? dw[k] : db[k - Co * Ci]) = s;
+  // [taps][Co][Ci] -> the weight's (Co, Ci, k, k)
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t o = 0; o < Co; ++o)
+      for (int64_t i = 0; i < Ci; ++i) {
+        float v = 0.f;
+        for (int th = 0; th < nt; ++th) v += sums[static_cast<size_t>(th) * per + (t * Co + o) * Ci + i];
+        dw[(o * Ci + i) * taps + t] = v;
+      }
+  for (int64_t o = 0; o < Co; ++o) {
+    float v = 0.f;
+    for (int th = 0; th < nt; ++th) v += sums[static_cast<size_t>(th) * per + taps * Co * Ci + o];
+    db[o] = v;
   }
 }
 
-void check_conv(const at::Tensor& x, const at::Tensor& weight) {
+ConvShape check_conv(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "posefast: conv1x1 takes a channels-last bfloat16 4-d input");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1 && weight.size(1) == x.size(1) &&
-                  weight.scalar_type() == at::kFloat,
-              "posefast: conv1x1 takes a float32 (C_out, C_in, 1, 1) weight matching the input's ", x.size(1),
-              " channels");
-  TORCH_CHECK(x.size(1) % kW == 0 && weight.size(0) % kW == 0, "posefast: conv1x1 takes multiples of ", kW,
+              "posefast: conv takes a channels-last bfloat16 4-d input");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.scalar_type() == at::kFloat &&
+                  weight.size(2) == weight.size(3) && (weight.size(2) == 1 || weight.size(2) == 3),
+              "posefast: conv takes a float32 (C_out, C_in, k, k) weight, k 1 or 3, matching the input's ",
+              x.size(1), " channels");
+  TORCH_CHECK(x.size(1) % kW == 0 && weight.size(0) % kW == 0, "posefast: conv takes multiples of ", kW,
               " channels, got ", x.size(1), " -> ", weight.size(0));
+  return {x.size(0), x.size(2), x.size(3), x.size(1), weight.size(0), weight.size(2)};
 }
 
-at::Tensor conv1x1_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  check_conv(x, weight);
-  const int64_t Ci = x.size(1), Co = weight.size(0), M = x.numel() / Ci;
+// A channels-last copy of x with a zero border of `pad` pixels (x itself when pad is 0).
+at::Tensor padded_copy(const at::Tensor& x, int64_t pad) {
+  if (pad == 0) return x;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  at::Tensor out = at::empty({N, C, H + 2 * pad, W + 2 * pad}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.mutable_data_ptr());
+  const int64_t WP = W + 2 * pad, HP = H + 2 * pad;
+  at::parallel_for(0, N * HP, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t n = row / HP, h = row % HP - pad;
+      uint16_t* d = dst + row * WP * C;
+      if (h < 0 || h >= H) {
+        std::memset(d, 0, WP * C * sizeof(uint16_t));
+        continue;
+      }
+      std::memset(d, 0, pad * C * sizeof(uint16_t));
+      std::memcpy(d + pad * C, src + (n * H + h) * W * C, W * C * sizeof(uint16_t));
+      std::memset(d + (pad + W) * C, 0, pad * C * sizeof(uint16_t));
+    }
+  });
+  return out;
+}
+
+// y from the padded input.
+at::Tensor conv_forward_padded(const at::Tensor& xpad, const ConvShape& s, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& like) {
+  const int64_t Ci = s.Ci, Co = s.Co, taps = s.taps();
   const at::Tensor w = weight.contiguous();
   const float* wp = w.const_data_ptr<float>();
-  std::vector<uint32_t> packed(Ci / 2 * Co);  // [Ci / 2][Co] pairs of the rounded weight
-  for (int64_t p = 0; p < Ci / 2; ++p)
-    for (int64_t o = 0; o < Co; ++o)
-      packed[p * Co + o] = pair_of(bf16_bits(wp[o * Ci + 2 * p]), bf16_bits(wp[o * Ci + 2 * p + 1]));
+  std::vector<uint32_t> packed(taps * (Ci / 2) * Co);  // [taps][Ci / 2][Co] pairs of the rounded weight
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t p = 0; p < Ci / 2; ++p)
+      for (int64_t o = 0; o < Co; ++o)
+        packed[(t * (Ci / 2) + p) * Co + o] =
+            pair_of(bf16_bits(wp[(o * Ci + 2 * p) * taps + t]), bf16_bits(wp[(o * Ci + 2 * p + 1) * taps + t]));
   std::vector<float> b;
   if (bias && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == Co, "posefast: conv1x1 takes a float32 bias of ",
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == Co, "posefast: conv takes a float32 bias of ",
                 Co, " values");
     const at::Tensor bc = bias->contiguous();
     for (int64_t o = 0; o < Co; ++o) b.push_back(static_cast<float>(c10::BFloat16(bc.const_data_ptr<float>()[o])));
   }
-  at::Tensor y = at::empty({x.size(0), Co, x.size(2), x.size(3)}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  product(reinterpret_cast<const uint16_t*>(x.const_data_ptr()), Ci, M, packed.data(), Co, Ci / 2,
+  at::Tensor y = at::empty({s.N, Co, s.H, s.W}, like.options().memory_format(at::MemoryFormat::ChannelsLast));
+  product(reinterpret_cast<const uint16_t*>(xpad.const_data_ptr()), s, Ci, Co, packed.data(),
           b.empty() ? nullptr : b.data(), reinterpret_cast<uint16_t*>(y.mutable_data_ptr()));
   return y;
 }
 
-// dx (when wanted), dw, db (when there is a bias).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv1x1_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                                const at::Tensor& weight, bool input_grad, bool bias_grad) {
-  check_conv(x, weight);
+at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const ConvShape s = check_conv(x, weight);
+  return conv_forward_padded(padded_copy(x, s.pad()), s, weight, bias, x);
+}
+
+// dx (when wanted), dw, db (when there is a bias), from the padded input.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad_out, const at::Tensor& xpad,
+                                                             const ConvShape& s, const at::Tensor& weight,
+                                                             bool input_grad, bool bias_grad) {
   const at::Tensor dy = grad_out.to(at::kBFloat16).contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t Ci = x.size(1), Co = weight.size(0), M = x.numel() / Ci;
-  TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(1) == Co && dy.size(2) == x.size(2) && dy.size(3) == x.size(3),
-              "posefast: conv1x1 gradient and output differ in shape");
+  TORCH_CHECK(dy.dim() == 4 && dy.size(0) == s.N && dy.size(1) == s.Co && dy.size(2) == s.H && dy.size(3) == s.W,
+              "posefast: conv gradient and output differ in shape");
+  const int64_t Ci = s.Ci, Co = s.Co, taps = s.taps();
   const uint16_t* g = reinterpret_cast<const uint16_t*>(dy.const_data_ptr());
   at::Tensor dx;
   if (input_grad) {
     const at::Tensor w = weight.contiguous();
     const float* wp = w.const_data_ptr<float>();
-    std::vector<uint32_t> packed(Co / 2 * Ci);  // [Co / 2][Ci] pairs
-    for (int64_t p = 0; p < Co / 2; ++p)
-      for (int64_t i = 0; i < Ci; ++i)
-        packed[p * Ci + i] = pair_of(bf16_bits(wp[2 * p * Ci + i]), bf16_bits(wp[(2 * p + 1) * Ci + i]));
-    dx = at::empty_like(x);
-    product(g, Co, M, packed.data(), Ci, Co / 2, nullptr, reinterpret_cast<uint16_t*>(dx.mutable_data_ptr()));
+    std::vector<uint32_t> packed(taps * (Co / 2) * Ci);  // [taps][Co / 2][Ci] pairs, the taps flipped
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t p = 0; p < Co / 2; ++p)
+        for (int64_t i = 0; i < Ci; ++i)
+          packed[(t * (Co / 2) + p) * Ci + i] = pair_of(bf16_bits(wp[(2 * p * Ci + i) * taps + taps - 1 - t]),
+                                                        bf16_bits(wp[((2 * p + 1) * Ci + i) * taps + taps - 1 - t]));
+    const at::Tensor dypad = padded_copy(dy, s.pad());
+    ConvShape back = s;
+    back.Ci = Co;
+    back.Co = Ci;
+    dx = at::empty({s.N, Ci, s.H, s.W}, dy.options().memory_format(at::MemoryFormat::ChannelsLast));
+    product(reinterpret_cast<const uint16_t*>(dypad.const_data_ptr()), back, Co, Ci, packed.data(), nullptr,
+            reinterpret_cast<uint16_t*>(dx.mutable_data_ptr()));
   }
   at::Tensor dw = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor db = at::empty({Co}, weight.options());
-  weight_grad(g, reinterpret_cast<const uint16_t*>(x.const_data_ptr()), M, Co, Ci, dw.mutable_data_ptr<float>(),
+  weight_grad(g, reinterpret_cast<const uint16_t*>(xpad.const_data_ptr()), s, dw.mutable_data_ptr<float>(),
               db.mutable_data_ptr<float>());
   return {dx, dw, bias_grad ? db : at::Tensor()};
 }
 
-class Conv1x1 : public torch::autograd::Function<Conv1x1> {
+// The autograd node saves the padded input (a 3x3 convolution's backward reads it for the
+// weight gradient).
+class Conv : public torch::autograd::Function<Conv> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias) {
-    ctx->save_for_backward({x, weight});
+    const ConvShape s = check_conv(x, weight);
+    const at::Tensor xpad = padded_copy(x, s.pad());
+    ctx->save_for_backward({xpad, weight});
     ctx->saved_data["bias"] = bias.has_value() && bias->defined();
-    return conv1x1_forward(x, weight, bias);
+    ctx->saved_data["shape"] = std::vector<int64_t>{s.N, s.H, s.W, s.Ci, s.Co, s.k};
+    return conv_forward_padded(xpad, s, weight, bias, x);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const bool has_bias = ctx->saved_data["bias"].toBool();
-    auto [dx, dw, db] = conv1x1_backward(grads[0], saved[0], saved[1], ctx->needs_input_grad(0), has_bias);
+    const std::vector<int64_t> v = ctx->saved_data["shape"].toIntVector();
+    const ConvShape s{v[0], v[1], v[2], v[3], v[4], v[5]};
+    auto [dx, dw, db] = conv_backward(grads[0], saved[0], s, saved[1], ctx->needs_input_grad(0),
+                                      ctx->saved_data["bias"].toBool());
     return {dx, dw, db};
   }
 };
 
-at::Tensor conv1x1_train(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  return Conv1x1::apply(x, weight, bias);
+at::Tensor conv_train(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return Conv::apply(x, weight, bias);
 }
 #endif  // POSEFAST_AVX512BF16
 
@@ -777,8 +964,9 @@ TORCH_LIBRARY(posefast, m) {
   m.def("add(Tensor a, Tensor b) -> Tensor");
   m.def("max_pool2(Tensor x) -> Tensor");
   m.def("max_pool2_backward(Tensor grad_out, Tensor x) -> Tensor");
+  m.def("add_up2(Tensor upper, Tensor lower) -> Tensor");
 #ifdef POSEFAST_AVX512BF16
-  m.def("conv1x1(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("conv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 #endif
 }
 
@@ -786,8 +974,9 @@ TORCH_LIBRARY_IMPL(posefast, Autograd, m) {
   m.impl("bn_relu_train", &bn_relu_train);
   m.impl("add", &add_train);
   m.impl("max_pool2", &max_pool2_train);
+  m.impl("add_up2", &add_up2_train);
 #ifdef POSEFAST_AVX512BF16
-  m.impl("conv1x1", &conv1x1_train);
+  m.impl("conv", &conv_train);
 #endif
 }
 
@@ -798,7 +987,8 @@ TORCH_LIBRARY_IMPL(posefast, CPU, m) {
   m.impl("add", &add_forward);
   m.impl("max_pool2", &max_pool2_forward);
   m.impl("max_pool2_backward", &max_pool2_backward);
+  m.impl("add_up2", &add_up2_forward);
 #ifdef POSEFAST_AVX512BF16
-  m.impl("conv1x1", &conv1x1_forward);
+  m.impl("conv", &conv_forward);
 #endif
 }
