@@ -9,11 +9,7 @@ Library code raises ``utils.errors.PoseError``; this entry point prints it as on
 import os
 import sys
 
-if __name__ == '__main__':            # before PyTorch loads: OpenMP reads its settings then
-    from utils.cpu import spin_wait
-    spin_wait(sys.argv[1:])
-
-import torch  # noqa: E402
+import torch
 
 import opts as options
 from datasets import build_dataset, build_reader

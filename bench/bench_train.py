@@ -25,11 +25,11 @@ RMSprop, float32); ``quickstart``: the README's quick-start model as it trains
 As the trainer does, ours trains its bfloat16 BatchNorm-ReLU pairs, residual sums, 2x2
 max-poolings and 1x1 and 3x3 convolutions through the C++ kernels (``--fusedBNReLU``,
 models/fused.py; the same step with them off is measured too), steps Adam over one flat buffer
-(utils/optim.py, as single-process CPU training does), keeps freed memory in its heap
-(``--keepFreedMemory``, utils/cpu.py) and lets OpenMP's threads spin between parallel regions
-(``--spinWait``: ``OMP_WAIT_POLICY=ACTIVE``, unless the environment sets a policy): settings of the
-process, which is why the baseline runs in another one. Trainer options after the bench's own
-switch those off (``--fusedBNReLU false --keepFreedMemory false --spinWait false``).
+(utils/optim.py, as single-process CPU training does) and keeps freed memory in its heap
+(``--keepFreedMemory``, utils/cpu.py: a setting of the process, which is why the baseline runs in
+another one). Trainer options after the bench's own switch those off (``--fusedBNReLU false
+--keepFreedMemory false``). The FLOPs are counted with the C++ kernels off (PyTorch's counter
+does not see inside them; the network and its FLOPs are the same).
 """
 import argparse
 import os
@@ -40,15 +40,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-# As main.py does for a CPU run with its data made in the main process (utils/cpu.py,
-# --spinWait): OpenMP's threads spin between parallel regions. Set before PyTorch loads; the
-# straightforward implementation's process gets OpenMP's default back.
-_ARGS = ' '.join(sys.argv[1:]).replace('=', ' ')
-_SPIN = ('OMP_WAIT_POLICY' not in os.environ and '--baseline-worker' not in sys.argv
-         and '--spinWait false' not in _ARGS)
-if _SPIN:
-    os.environ['OMP_WAIT_POLICY'] = 'ACTIVE'
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -163,7 +154,7 @@ def unfused(step):
     def run():
         fused.set_enabled(False)
         try:
-            step()
+            return step()
         finally:
             fused.set_enabled(True)
     return run
@@ -219,11 +210,8 @@ class Baseline:
     this process waits (the two never compute at the same time)."""
 
     def __init__(self, name, extra):
-        env = dict(os.environ)
-        if _SPIN:
-            env.pop('OMP_WAIT_POLICY')
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--baseline-worker', name, *extra],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ready = self.proc.stdout.readline().split()
         if not ready or ready[0] != 'ready':
             raise SystemExit(f'the baseline process for {name} did not start (exit code {self.proc.poll()})')
@@ -258,7 +246,7 @@ def run_case(name, args):
     fmt = torch.channels_last if opts.channelsLast else torch.contiguous_format
     ours = ours.to(memory_format=fmt).train()
     our_images = images.contiguous(memory_format=fmt)
-    flops = flops_per_image(ours, our_images, amp_dtype, our_loss)
+    flops = unfused(lambda: flops_per_image(ours, our_images, amp_dtype, our_loss))()
     our_step = make_step(ours, build_optimizer(opts, ours.parameters(), flat=True), our_loss, our_images, amp_dtype)
     steps = {'ours': our_step}
     # the same step with the modules unfused: what the kernels gain, in this run (bfloat16 only:
@@ -284,9 +272,8 @@ def run_case(name, args):
           f'stem {opts.stemChannels}, input {h}x{w}, '
           f'batch {b}, {opts.optimizer_type}, {dname}{" autocast" if amp_dtype else ""}, {n_ours:,} parameters, '
           f'{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps')
-    policy = os.environ.get('OMP_WAIT_POLICY', 'default')
-    print(f'  ours: C++ kernels {"on" if with_fused else "off"}, keep freed memory {"on" if keep else "off"}, '
-          f'OpenMP wait policy {policy}; the straightforward one in its own process with PyTorch\'s defaults')
+    print(f'  ours: C++ kernels {"on" if with_fused else "off"}, keep freed memory {"on" if keep else "off"}; '
+          f'the straightforward one in its own process with PyTorch\'s defaults')
     print(f'  matmul 2048^3 {dname:9s}        {med["matmul"] / 1e9:8.1f} GFLOP/s')
     print(f'  forward+backward FLOPs per image {flops / 1e9:8.3f} GFLOP (the baseline: {baseline.flops / 1e9:.3f})')
     lines = [('ours', 'ours (the trainer\'s step)'), ('plain', 'straightforward NCHW')]

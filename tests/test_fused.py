@@ -388,35 +388,6 @@ def test_keep_freed_memory_applies_once():
     assert keep_freed_memory() is True
 
 
-def test_spin_wait_only_for_one_process_making_its_own_data(tmp_path):
-    """``utils.cpu.spin_wait`` (main.py, before PyTorch loads): OMP_WAIT_POLICY=ACTIVE for a CPU
-    run with --nThreads 0 in one process; never over the environment's policy, with loader
-    workers, under torchrun, for --spinWait false, or for a command line that does not parse."""
-    script = tmp_path / 'probe.py'
-    script.write_text('''
-import os, sys
-sys.path.insert(0, sys.argv[1])
-from utils.cpu import spin_wait
-quick = ['-DataConfig', 'conf/datasets/synthetic.defconf', '-ModelConfig', 'conf/models/hourglass_quick.defconf']
-cases = [('quick', quick, {}), ('workers', quick + ['--nThreads', '2'], {}), ('off', quick + ['--spinWait', 'false'], {}),
-         ('env', quick, {'OMP_WAIT_POLICY': 'PASSIVE'}), ('torchrun', quick, {'WORLD_SIZE': '2'}),
-         ('bad', quick + ['--nosuchoption'], {})]
-for name, argv, env in cases:
-    os.environ.pop('OMP_WAIT_POLICY', None)
-    os.environ.pop('WORLD_SIZE', None)
-    os.environ.update(env)
-    print(name, spin_wait(argv), os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)
-''')
-    import os
-    import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k not in ('OMP_WAIT_POLICY', 'WORLD_SIZE')}
-    out = subprocess.run([sys.executable, str(script), root], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=60, check=True).stdout.split('\n')
-    assert out[:6] == ['quick True ACTIVE False', 'workers False None False', 'off False None False',
-                       'env False PASSIVE False', 'torchrun False None False', 'bad False None False']
-
-
 @needs_kernels
 def test_add_up2_is_upsampling_then_the_sum():
     """The hourglass's merge in one pass: the same sums bit for bit as upsampling and adding; the
