@@ -6,13 +6,19 @@ activation with bfloat16 <-> float conversions, and a Python-side autograd node 
 cost as much again. These kernels compute the same function in one pass of statistics and one
 of normalisation forward, two passes backward, with the autograd node in C++. They are built
 once per machine, on first use, with the C++ compiler (``torch.utils.cpp_extension``, about
-15 s, cached under ``TORCH_EXTENSIONS_DIR``), and used only where they compute what the modules
+30 s, cached under ``TORCH_EXTENSIONS_DIR``), and used only where they compute what the modules
 compute: a training-mode ``nn.BatchNorm2d`` (affine, running statistics, a momentum) followed
 by a ReLU, on a channels-last bfloat16 CPU tensor (the ``--amp`` autocast) with a multiple of
 16 channels. They compute float32 as well (the tests compare that with float64), but no faster
 than the modules, so float32 training runs the modules. Everywhere else (evaluation, CUDA,
 NCHW, SyncBatchNorm, ``--fusedBNReLU false``) the modules run as they are. Parameter names and
 counts do not change: checkpoints load either way.
+
+The same switch and build carry the hourglass family's other bfloat16 kernels: the residual sum
+(``add``), the 2x2 max-pooling (``max_pool2``), the merge of an hourglass level's two branches
+(``add_up2``), all bit for bit PyTorch's, and, on CPUs with AVX-512 BF16, the 1x1 and 3x3
+convolutions (``conv``: autocast's function to the bfloat16 rounding, the weight and bias
+gradients kept in float; oneDNN's per-call set-up dominated the small levels).
 
 Where no compiler is found the build fails once, the reason is printed once, and the modules
 run unfused.
@@ -70,8 +76,8 @@ def load():
                 name = _build_name()
                 built = os.path.join(cpp_extension._get_build_directory(name, False), name + '.so')
                 if not os.path.exists(built):
-                    print('models.fused: building the fused BatchNorm-ReLU kernels (once per machine, '
-                          'about 15 s)', file=sys.stderr, flush=True)
+                    print('models.fused: building the C++ kernels of CPU training (once per machine, '
+                          'about 30 s)', file=sys.stderr, flush=True)
                 cpp_extension.load(name=name, sources=[_SOURCE], is_python_module=False,
                                    extra_cflags=_CFLAGS, verbose=False)
                 _state['loaded'] = hasattr(torch.ops.posefast, 'bn_relu_train')

@@ -16,8 +16,9 @@
 //   dx = (dv - db / M - (x - mean) * invstd^2 * sum dv (x - mean) / M) * w * invstd.
 // The channel count must be a multiple of 16 (models/fused.py falls back otherwise).
 // Built at run time by models/fused.py (torch.utils.cpp_extension) as torch.ops.posefast.*:
-// bn_relu_train (the autograd node, in C++), bn_relu_forward and bn_relu_backward; and add, the
-// bfloat16 residual sum (forward one pass, backward the gradient to both inputs).
+// bn_relu_train (the autograd node, in C++), bn_relu_forward and bn_relu_backward; add, the
+// bfloat16 residual sum (forward one pass, backward the gradient to both inputs); max_pool2;
+// add_up2, the hourglass's merge; and conv, the 1x1 and 3x3 convolutions (AVX-512 BF16 only).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
