@@ -238,7 +238,8 @@ def bf16_autocast():
 @pytest.mark.parametrize('shape,out_channels,k,bias', [
     ((3, 96, 5, 7), 48, 1, True), ((2, 48, 4, 4), 96, 1, False), ((1, 16, 3, 3), 112, 1, True),
     ((2, 128, 2, 3), 16, 1, True), ((2, 48, 8, 8), 48, 3, True), ((3, 32, 5, 7), 16, 3, False),
-    ((1, 32, 1, 19), 112, 3, True), ((2, 112, 3, 2), 32, 3, True)])
+    ((1, 32, 1, 19), 112, 3, True), ((2, 112, 3, 2), 32, 3, True),
+    ((1, 64, 3, 5), 64, 3, True), ((2, 256, 2, 2), 128, 1, False)])     # weights packed by PyTorch's ops
 def test_conv_matches_float64(shape, out_channels, k, bias):
     """Forward: autocast's function (the weight and bias rounded to bfloat16, the output rounded
     once); backward: the input gradient as autocast's, the weight and bias gradients the float
