@@ -739,10 +739,24 @@ inline void weight_tile(const uint32_t* dy, int64_t ldy, const uint32_t* x, int6
 
 template <int V>
 void weight_block(const uint32_t* dy, int64_t Co, const uint32_t* x, int64_t Ci, int64_t P, float* dw) {
-  constexpr int T = V <= 2 ? 8 : (V == 3 ? 6 : 4);
+  constexpr int T = V <= 3 ? 8 : 4;
   int64_t o = 0;
   for (; o + T <= Co; o += T) weight_tile<T, V>(dy + o, Co, x, Ci, P, dw + o * Ci, Ci);
   for (; o < Co; ++o) weight_tile<1, V>(dy + o, Co, x, Ci, P, dw + o * Ci, Ci);
+}
+
+// Asks for the input and gradient rows of the block from pixel m0 (the input, saved in the
+// forward pass, comes from memory) while the block before it computes.
+void prefetch_block(const uint16_t* x, const uint16_t* dy, const ConvShape& s, int64_t m0) {
+  const int64_t M = s.pixels(), m1 = std::min(M, m0 + 2 * kPixelPairs) - 1;
+  auto at = [&](int64_t m) { return s.k == 1 ? m : s.padded(m / (s.H * s.W), (m / s.W) % s.H, m % s.W); };
+  const int64_t first = at(m0), last = at(m1) + (s.k == 1 ? 0 : 2 * s.WP() + 2);
+  const char* xb = reinterpret_cast<const char*>(x + first * s.Ci);
+  const char* xe = reinterpret_cast<const char*>(x + (last + 1) * s.Ci);
+  for (const char* q = xb; q < xe; q += 64) _mm_prefetch(q, _MM_HINT_T1);
+  const char* gb = reinterpret_cast<const char*>(dy + m0 * s.Co);
+  const char* ge = reinterpret_cast<const char*>(dy + (m1 + 1) * s.Co);
+  for (const char* q = gb; q < ge; q += 64) _mm_prefetch(q, _MM_HINT_T1);
 }
 
 // dw ([taps][Co][Ci]) and db (Co), float, from dy (pixels x Co) and x (the padded input for a
@@ -762,10 +776,17 @@ void weight_grad(const uint16_t* dy, const uint16_t* x, const ConvShape& s, floa
     std::vector<int64_t> base(2 * kPixelPairs);  // each pixel's padded index (-1: past the end)
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t m0 = blk * 2 * kPixelPairs, P = std::min<int64_t>(kPixelPairs, (M - m0 + 1) / 2);
+      // (n, h, w) of pixel m0, then stepped along: no division per pixel
+      int64_t n = m0 / (s.H * s.W), h = (m0 / s.W) % s.H, w = m0 % s.W;
       for (int64_t j = 0; j < 2 * P; ++j) {
         const int64_t m = m0 + j;
-        base[j] = m >= M ? -1 : (s.k == 1 ? m : s.padded(m / (s.H * s.W), (m / s.W) % s.H, m % s.W));
+        base[j] = m >= M ? -1 : (s.k == 1 ? m : s.padded(n, h, w));
+        if (++w == s.W) {
+          w = 0;
+          if (++h == s.H) h = 0, ++n;
+        }
       }
+      if (blk + 1 < b1) prefetch_block(x, dy, s, m0 + 2 * kPixelPairs);
       for (int64_t p = 0; p < P; ++p) {  // the block's pixel pairs of dy; db from the same loads
         const uint16_t* ga = dy + (m0 + 2 * p) * Co;
         const uint16_t* gb = base[2 * p + 1] < 0 ? zeros.data() : ga + Co;
