@@ -18,7 +18,10 @@ The same switch and build carry the hourglass family's other bfloat16 kernels: t
 (``add``), the 2x2 max-pooling (``max_pool2``), the merge of an hourglass level's two branches
 (``add_up2``), all bit for bit PyTorch's, and, on CPUs with AVX-512 BF16, the 1x1 and 3x3
 convolutions (``conv``: autocast's function to the bfloat16 rounding, the weight and bias
-gradients kept in float; oneDNN's per-call set-up dominated the small levels).
+gradients kept in float; oneDNN's per-call set-up dominated the small levels), and the residual
+block's pre-activation branch (BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1) as one autograd
+node over those same kernels (``branch``: the layers' values bit for bit, without six layers'
+Python calls, checks and graph nodes).
 
 Where no compiler is found the build fails once, the reason is printed once, and the modules
 run unfused.
@@ -95,13 +98,19 @@ def error():
     return _state['error']
 
 
+def _bn_ok(bn):
+    """The module side of ``can_fuse``: a training-mode affine ``nn.BatchNorm2d`` with running
+    statistics and a momentum, float32 CPU parameters, a multiple of 16 channels up to 1024."""
+    return (bn.training and type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+            and bn.momentum is not None and bn.weight.dtype == torch.float32 and bn.weight.device.type == 'cpu'
+            and bn.num_features % 16 == 0 and bn.num_features <= 1024)
+
+
 def can_fuse(bn, x):
     """Whether the fused kernels compute exactly ``relu(bn(x))`` for this module and input."""
-    return (_state['enabled'] and bn.training and type(bn) is nn.BatchNorm2d and bn.affine
-            and bn.track_running_stats and bn.momentum is not None and x.device.type == 'cpu'
-            and x.dim() == 4 and x.dtype in DTYPES
-            and bn.weight.dtype == torch.float32 and bn.weight.device.type == 'cpu'
-            and x.shape[1] % 16 == 0 and x.shape[1] <= 1024 and x.shape[0] * x.shape[2] * x.shape[3] > 1
+    return (_state['enabled'] and _bn_ok(bn) and x.device.type == 'cpu'
+            and x.dim() == 4 and x.dtype in DTYPES and x.shape[1] == bn.num_features
+            and x.shape[0] * x.shape[2] * x.shape[3] > 1
             and x.is_contiguous(memory_format=torch.channels_last) and load())
 
 
@@ -153,25 +162,30 @@ def add_up2(upper, lower):
     return torch.ops.posefast.add_up2(upper, lower)
 
 
-def can_conv(conv, x):
-    """Whether ``conv`` computes what ``conv(x)`` computes under bfloat16 autocast: a 1x1 or 3x3
-    convolution (stride 1, 'same' zero padding, no groups) of a channels-last bfloat16 CPU tensor
-    with a float32 weight, multiples of 16 channels in and out (3x3: at least 32 in; with 16,
-    oneDNN's kernels are faster), on a CPU with AVX-512 BF16."""
+def _conv_ok(conv):
+    """The module side of ``can_conv``: a 1x1 or 3x3 convolution, stride 1, 'same' zero padding,
+    no groups, a float32 CPU weight, multiples of 16 channels in and out (3x3: at least 32 in;
+    with 16, oneDNN's kernels are faster)."""
     k = conv.kernel_size[0]
-    return (_state['enabled'] and x.dtype == torch.bfloat16 and x.device.type == 'cpu' and x.dim() == 4
-            and conv.kernel_size in ((1, 1), (3, 3)) and conv.stride == (1, 1) and conv.padding == (k // 2, k // 2)
+    return (conv.kernel_size in ((1, 1), (3, 3)) and conv.stride == (1, 1) and conv.padding == (k // 2, k // 2)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == 'zeros'
             and conv.weight.dtype == torch.float32 and conv.weight.device.type == 'cpu'
-            and conv.in_channels % 16 == 0 and conv.out_channels % 16 == 0 and x.shape[1] == conv.in_channels
-            and (k == 1 or conv.in_channels >= 32) and torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
+            and conv.in_channels % 16 == 0 and conv.out_channels % 16 == 0 and (k == 1 or conv.in_channels >= 32))
+
+
+def can_conv(conv, x):
+    """Whether ``conv`` computes what ``conv(x)`` computes under bfloat16 autocast (``_conv_ok``)
+    for a channels-last bfloat16 CPU input, on a CPU with AVX-512 BF16."""
+    return (_state['enabled'] and x.dtype == torch.bfloat16 and x.device.type == 'cpu' and x.dim() == 4
+            and _conv_ok(conv) and x.shape[1] == conv.in_channels
+            and torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
             and x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last) and load()
             and _has_conv())
 
 
 def _has_conv():
     if _state.get('conv') is None:
-        _state['conv'] = hasattr(torch.ops.posefast, 'conv')
+        _state['conv'] = hasattr(torch.ops.posefast, 'conv') and hasattr(torch.ops.posefast, 'branch')
     return _state['conv']
 
 
@@ -187,3 +201,40 @@ def bn_relu(bn, x):
     bn.num_batches_tracked.add_(1)
     return torch.ops.posefast.bn_relu_train(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                             float(bn.momentum), float(bn.eps))
+
+
+def can_branch(layers, x):
+    """Whether ``branch`` computes ``layers(x)`` here: the pre-activation bottleneck's
+    ``Sequential`` of three (``BNReLU``, ``Conv``) pairs (models.layers.Residual), 1x1, 3x3, 1x1,
+    each pair one that ``can_fuse`` and ``can_conv`` take, with biases and one momentum and eps;
+    training under bfloat16 autocast on a channels-last CPU input."""
+    if not (_state['enabled'] and len(layers) == 6 and x.dtype == torch.bfloat16):
+        return False
+    from models.layers import BNReLU, Conv
+    channels = x.shape[1] if x.dim() == 4 else -1
+    bn0 = None
+    for i, k in ((0, 1), (2, 3), (4, 1)):
+        pair, conv = layers[i], layers[i + 1]
+        if type(pair) is not BNReLU or type(pair[1]) is not nn.ReLU or type(conv) is not Conv:
+            return False
+        bn = pair[0]
+        if bn0 is None:
+            bn0 = bn
+        if not (_bn_ok(bn) and _conv_ok(conv) and conv.kernel_size == (k, k) and conv.bias is not None
+                and bn.num_features == channels == conv.in_channels
+                and bn.momentum == bn0.momentum and bn.eps == bn0.eps):
+            return False
+        channels = conv.out_channels
+    return can_fuse(bn0, x) and can_conv(layers[1], x)
+
+
+def branch(layers, x):
+    """``layers(x)`` for a ``can_branch`` branch: one C++ autograd node running the six layers'
+    kernels in their order (the same values, gradients and running statistics bit for bit)."""
+    params, buffers = [], []
+    for i in (0, 2, 4):
+        bn, conv = layers[i][0], layers[i + 1]
+        params += [bn.weight, bn.bias, conv.weight, conv.bias]
+        buffers += [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+    bn = layers[0][0]
+    return torch.ops.posefast.branch(x, params, buffers, float(bn.momentum), float(bn.eps))

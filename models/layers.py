@@ -100,6 +100,8 @@ class Residual(nn.Module):
         self.skip = skip_layer(in_channels, out_channels)
 
     def forward(self, x):
+        if fused.can_branch(self.branch, x):   # the branch as one C++ node (models.fused.branch)
+            return fused.add(fused.branch(self.branch, x), self.skip(x))
         return fused.add(self.branch(x), self.skip(x))
 
 

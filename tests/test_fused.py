@@ -424,3 +424,95 @@ def test_add_up2_is_upsampling_then_the_sum():
     assert calls == [1]
     with pytest.raises(RuntimeError, match='half the upper'):
         torch.ops.posefast.add_up2(upper.detach(), upper.detach())
+
+
+def residual_step(block, x, grad, fused_branch=True):
+    """Output, input gradient, parameter gradients and buffers after one bfloat16 step of a
+    Residual (the branch as one node, or as its six layers)."""
+    real = fused.can_branch
+    if not fused_branch:
+        fused.can_branch = lambda layers, t: False
+    try:
+        x = x.clone().requires_grad_()
+        with bf16_autocast():
+            y = block(x)
+        y.backward(grad)
+    finally:
+        fused.can_branch = real
+    return [y.detach(), x.grad] + [p.grad for p in block.parameters()] + list(block.buffers())
+
+
+@needs_conv
+@pytest.mark.parametrize('cin,cout', [(64, 64), (64, 128), (96, 96)])
+def test_residual_branch_is_its_layers_bit_for_bit(monkeypatch, cin, cout):
+    """The pre-activation branch as one C++ node: the output, every gradient, the running
+    statistics and num_batches_tracked equal the six layers' exactly, with the layers' own
+    kernels not called."""
+    torch.manual_seed(0)
+    block = Residual(cin, cout).to(memory_format=torch.channels_last).train()
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.load_state_dict(random_bn(m.num_features, seed=m.num_features).state_dict())
+    layers = copy.deepcopy(block)
+    x = channels_last(torch.randn(3, cin, 8, 6).bfloat16())
+    grad = channels_last(torch.randn(3, cout, 8, 6).bfloat16())
+    calls = {'branch': 0, 'bn_relu': 0}
+    real_branch, real_bn = fused.branch, fused.bn_relu
+    monkeypatch.setattr(fused, 'branch', lambda l, t: calls.update(branch=calls['branch'] + 1) or real_branch(l, t))
+    monkeypatch.setattr(fused, 'bn_relu', lambda b, t: calls.update(bn_relu=calls['bn_relu'] + 1) or real_bn(b, t))
+    ours = residual_step(block, x, grad)
+    assert calls == {'branch': 1, 'bn_relu': 0}
+    theirs = residual_step(layers, x, grad, fused_branch=False)
+    assert calls == {'branch': 1, 'bn_relu': 3}
+    assert len(ours) == len(theirs) > 20
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert int(block.branch[0][0].num_batches_tracked) == 1
+    with torch.no_grad(), bf16_autocast():              # without a graph: the same forward
+        y = fused.branch(block.branch, x)
+    assert y.dtype == torch.bfloat16 and int(block.branch[4][0].num_batches_tracked) == 2
+
+
+@needs_conv
+def test_branch_runs_only_where_it_applies():
+    block = Residual(64, 64).to(memory_format=torch.channels_last).train()
+    x = channels_last(torch.randn(2, 64, 4, 4).bfloat16())
+    with bf16_autocast():
+        assert fused.can_branch(block.branch, x)
+        assert not fused.can_branch(block.branch, x.float())                       # float32 input
+        assert not fused.can_branch(block.branch, x.contiguous())                  # NCHW
+        assert not fused.can_branch(Residual(32, 32).branch, x[:, :32].contiguous(memory_format=torch.channels_last))  # 3x3 with 16 inputs
+        assert not fused.can_branch(copy.deepcopy(block).eval().branch, x)         # evaluation
+        other = copy.deepcopy(block)
+        other.branch[2][0].momentum = 0.2                                          # momenta differ
+        assert not fused.can_branch(other.branch, x)
+        other = copy.deepcopy(block)
+        other.branch[3].bias = None                                                # no bias
+        assert not fused.can_branch(other.branch, x)
+        fused.set_enabled(False)
+        try:
+            assert not fused.can_branch(block.branch, x)                           # --fusedBNReLU false
+        finally:
+            fused.set_enabled(True)
+    assert not fused.can_branch(block.branch, x)                                   # no autocast
+    with pytest.raises(RuntimeError, match='12 parameters and 9 buffers'):
+        torch.ops.posefast.branch(x, [block.branch[0][0].weight], [], 0.1, 1e-5)
+
+
+@needs_conv
+def test_conv_weight_gradient_comes_in_the_weights_layout():
+    """A channels-last weight (the trainer's) gets a channels-last gradient with the values of a
+    contiguous weight's: autograd keeps it without a strided copy."""
+    torch.manual_seed(0)
+    x = channels_last(torch.randn(2, 32, 5, 6).bfloat16())
+    grad = channels_last(torch.randn(2, 48, 5, 6).bfloat16())
+    w = torch.randn(48, 32, 3, 3)
+    b = torch.randn(48)
+    results = []
+    for weight in (w.clone(), w.clone().contiguous(memory_format=torch.channels_last)):
+        weight.requires_grad_()
+        y = torch.ops.posefast.conv(x, weight, b)
+        (dw,) = torch.autograd.grad(y, [weight], grad)
+        assert dw.stride() == weight.stride()
+        results.append((y, dw))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

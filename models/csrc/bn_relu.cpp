@@ -611,6 +611,15 @@ struct ConvShape {
   int64_t padded(int64_t n, int64_t h, int64_t w) const { return (n * HP() + h) * WP() + w; }
 };
 
+// The offset of w[o, i, tap t] in a (Co, Ci, k, k) weight of any layout (the trainer's weights are
+// channels-last, whose contiguous copy would cost a strided pass of its own).
+struct WeightIndex {
+  int64_t so, si, sh, sw, k;
+  explicit WeightIndex(const at::Tensor& w)
+      : so(w.stride(0)), si(w.stride(1)), sh(w.stride(2)), sw(w.stride(3)), k(w.size(3)) {}
+  int64_t operator()(int64_t o, int64_t i, int64_t t) const { return o * so + i * si + (t / k) * sh + (t % k) * sw; }
+};
+
 // R pixels x V vectors of 16 outputs: out[r, 16v + j] = bias + sum over taps and pairs of
 // a[r + tap] pair p . b[tap][p][16v + j]. a: bfloat16 pixel rows (lda values apart), b: pairs
 // [taps][P][ldb].
@@ -762,7 +771,7 @@ void prefetch_block(const uint16_t* x, const uint16_t* dy, const ConvShape& s, i
 // dw ([taps][Co][Ci]) and db (Co), float, from dy (pixels x Co) and x (the padded input for a
 // 3x3 convolution): each thread sums its blocks of 2 * kPixelPairs pixels into float sums of
 // its own, then the threads' sums add.
-void weight_grad(const uint16_t* dy, const uint16_t* x, const ConvShape& s, float* dw, float* db) {
+void weight_grad(const uint16_t* dy, const uint16_t* x, const ConvShape& s, at::Tensor& dwt, float* db) {
   const int64_t Co = s.Co, Ci = s.Ci, M = s.pixels(), taps = s.taps();
   const int nt = at::get_num_threads();
   const int64_t per = taps * Co * Ci + Co;
@@ -820,13 +829,15 @@ void weight_grad(const uint16_t* dy, const uint16_t* x, const ConvShape& s, floa
       }
     }
   });
-  // [taps][Co][Ci] -> the weight's (Co, Ci, k, k)
+  // [taps][Co][Ci] -> the weight gradient's (Co, Ci, k, k), in the weight's layout
+  float* dw = dwt.mutable_data_ptr<float>();
+  const WeightIndex at_(dwt);
   for (int64_t t = 0; t < taps; ++t)
     for (int64_t o = 0; o < Co; ++o)
       for (int64_t i = 0; i < Ci; ++i) {
         float v = 0.f;
         for (int th = 0; th < nt; ++th) v += sums[static_cast<size_t>(th) * per + (t * Co + o) * Ci + i];
-        dw[(o * Ci + i) * taps + t] = v;
+        dw[at_(o, i, t)] = v;
       }
   for (int64_t o = 0; o < Co; ++o) {
     float v = 0.f;
@@ -882,33 +893,32 @@ constexpr int64_t kLargeWeight = 32768;
 
 // Forward: [taps][Ci / 2][Co] pairs along the inputs.
 at::Tensor pack_forward(const at::Tensor& weight, int64_t Co, int64_t Ci, int64_t taps) {
-  const at::Tensor w = weight.contiguous();
-  if (w.numel() >= kLargeWeight)  // (Co, Ci / 2, 2, taps) -> (taps, Ci / 2, Co, 2)
-    return w.to(at::kBFloat16).view({Co, Ci / 2, 2, taps}).permute({3, 1, 0, 2}).contiguous();
-  at::Tensor packed = at::empty({taps, Ci / 2, Co, 2}, w.options().dtype(at::kBFloat16));
-  const float* wp = w.const_data_ptr<float>();
+  if (weight.numel() >= kLargeWeight)  // (Co, Ci / 2, 2, taps) -> (taps, Ci / 2, Co, 2)
+    return weight.contiguous().to(at::kBFloat16).view({Co, Ci / 2, 2, taps}).permute({3, 1, 0, 2}).contiguous();
+  at::Tensor packed = at::empty({taps, Ci / 2, Co, 2}, weight.options().dtype(at::kBFloat16));
+  const float* wp = weight.const_data_ptr<float>();
+  const WeightIndex at_(weight);
   uint32_t* pp = reinterpret_cast<uint32_t*>(packed.mutable_data_ptr());
   for (int64_t t = 0; t < taps; ++t)
     for (int64_t p = 0; p < Ci / 2; ++p)
       for (int64_t o = 0; o < Co; ++o)
-        pp[(t * (Ci / 2) + p) * Co + o] =
-            pair_of(bf16_bits(wp[(o * Ci + 2 * p) * taps + t]), bf16_bits(wp[(o * Ci + 2 * p + 1) * taps + t]));
+        pp[(t * (Ci / 2) + p) * Co + o] = pair_of(bf16_bits(wp[at_(o, 2 * p, t)]), bf16_bits(wp[at_(o, 2 * p + 1, t)]));
   return packed;
 }
 
 // Input gradient: [taps][Co / 2][Ci] pairs along the outputs, the taps reversed.
 at::Tensor pack_backward(const at::Tensor& weight, int64_t Co, int64_t Ci, int64_t taps) {
-  const at::Tensor w = weight.contiguous();
-  if (w.numel() >= kLargeWeight)  // (Co / 2, 2, Ci, taps) -> (taps reversed, Co / 2, Ci, 2)
-    return w.to(at::kBFloat16).view({Co / 2, 2, Ci, taps}).flip({3}).permute({3, 0, 2, 1}).contiguous();
-  at::Tensor packed = at::empty({taps, Co / 2, Ci, 2}, w.options().dtype(at::kBFloat16));
-  const float* wp = w.const_data_ptr<float>();
+  if (weight.numel() >= kLargeWeight)  // (Co / 2, 2, Ci, taps) -> (taps reversed, Co / 2, Ci, 2)
+    return weight.contiguous().to(at::kBFloat16).view({Co / 2, 2, Ci, taps}).flip({3}).permute({3, 0, 2, 1}).contiguous();
+  at::Tensor packed = at::empty({taps, Co / 2, Ci, 2}, weight.options().dtype(at::kBFloat16));
+  const float* wp = weight.const_data_ptr<float>();
+  const WeightIndex at_(weight);
   uint32_t* pp = reinterpret_cast<uint32_t*>(packed.mutable_data_ptr());
   for (int64_t t = 0; t < taps; ++t)
     for (int64_t p = 0; p < Co / 2; ++p)
       for (int64_t i = 0; i < Ci; ++i)
-        pp[(t * (Co / 2) + p) * Ci + i] = pair_of(bf16_bits(wp[(2 * p * Ci + i) * taps + taps - 1 - t]),
-                                                  bf16_bits(wp[((2 * p + 1) * Ci + i) * taps + taps - 1 - t]));
+        pp[(t * (Co / 2) + p) * Ci + i] = pair_of(bf16_bits(wp[at_(2 * p, i, taps - 1 - t)]),
+                                                  bf16_bits(wp[at_(2 * p + 1, i, taps - 1 - t)]));
   return packed;
 }
 
@@ -957,10 +967,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Tensor& g
             reinterpret_cast<const uint32_t*>(packed.const_data_ptr()), nullptr,
             reinterpret_cast<uint16_t*>(dx.mutable_data_ptr()));
   }
-  at::Tensor dw = at::empty(weight.sizes(), weight.options().memory_format(at::MemoryFormat::Contiguous));
+  // in the weight's layout (channels-last in the trainer), which autograd keeps as the gradient
+  // without a copy
+  at::Tensor dw = at::empty(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
   at::Tensor db = at::empty({Co}, weight.options());
-  weight_grad(g, reinterpret_cast<const uint16_t*>(xpad.const_data_ptr()), s, dw.mutable_data_ptr<float>(),
-              db.mutable_data_ptr<float>());
+  weight_grad(g, reinterpret_cast<const uint16_t*>(xpad.const_data_ptr()), s, dw, db.mutable_data_ptr<float>());
   return {dx, dw, bias_grad ? db : at::Tensor()};
 }
 
@@ -991,6 +1002,100 @@ class Conv : public torch::autograd::Function<Conv> {
 at::Tensor conv_train(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   return Conv::apply(x, weight, bias);
 }
+
+// ----------------------------------------------------------------------------- residual branch
+
+// The pre-activation bottleneck's branch, BN-ReLU-conv1x1 - BN-ReLU-conv3x3 - BN-ReLU-conv1x1,
+// as one autograd node: the kernels above in the order the six separate nodes run them, so the
+// same values and gradients bit for bit, without the Python calls, checks and graph nodes of
+// six layers (about 0.1 ms a block). params: per layer the BatchNorm weight and bias, then the
+// convolution's weight and bias (12); buffers: per layer running mean, running variance and
+// num_batches_tracked (9), updated as the separate layers update them.
+struct BranchForward {
+  at::Tensor y;
+  std::vector<at::Tensor> saved;  // per layer: BN input, mean, invstd, conv input (padded)
+  std::vector<ConvShape> shapes;
+};
+
+BranchForward branch_run(const at::Tensor& x, at::TensorList params, at::TensorList buffers, double momentum,
+                         double eps) {
+  TORCH_CHECK(params.size() == 12 && buffers.size() == 9,
+              "posefast: branch takes 12 parameters and 9 buffers (3 BatchNorm + convolution layers)");
+  BranchForward out;
+  at::Tensor h = x;
+  for (int layer = 0; layer < 3; ++layer) {
+    const at::Tensor& gamma = params[4 * layer];
+    const at::Tensor& beta = params[4 * layer + 1];
+    const at::Tensor& weight = params[4 * layer + 2];
+    const at::Tensor& bias = params[4 * layer + 3];
+    auto [a, mean, invstd] = bn_relu_forward(h, gamma, beta, buffers[3 * layer], buffers[3 * layer + 1], momentum, eps);
+    at::Tensor tracked = buffers[3 * layer + 2];
+    TORCH_CHECK(tracked.scalar_type() == at::kLong && tracked.numel() == 1,
+                "posefast: branch: num_batches_tracked must be one int64 value");
+    tracked.add_(1);
+    const ConvShape s = check_conv(a, weight);
+    const at::Tensor apad = padded_copy(a, s.pad());
+    out.saved.insert(out.saved.end(), {h, mean, invstd, apad});
+    out.shapes.push_back(s);
+    h = conv_forward_padded(apad, s, weight, bias, a);
+  }
+  out.y = h;
+  return out;
+}
+
+at::Tensor branch_forward(const at::Tensor& x, at::TensorList params, at::TensorList buffers, double momentum,
+                          double eps) {
+  return branch_run(x, params, buffers, momentum, eps).y;
+}
+
+class Branch : public torch::autograd::Function<Branch> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::TensorList params,
+                            at::TensorList buffers, double momentum, double eps) {
+    BranchForward f = branch_run(x, params, buffers, momentum, eps);
+    std::vector<at::Tensor> keep = f.saved;
+    keep.insert(keep.end(), params.begin(), params.end());
+    ctx->save_for_backward(keep);
+    std::vector<int64_t> shape;
+    for (const ConvShape& s : f.shapes) shape.insert(shape.end(), {s.N, s.H, s.W, s.Ci, s.Co, s.k});
+    ctx->saved_data["shapes"] = shape;
+    return f.y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();  // 12 per-layer tensors, then the 12 parameters
+    const std::vector<int64_t> v = ctx->saved_data["shapes"].toIntVector();
+    std::vector<at::Tensor> param_grads(12);
+    at::Tensor g = grads[0];
+    for (int layer = 2; layer >= 0; --layer) {
+      const ConvShape s{v[6 * layer], v[6 * layer + 1], v[6 * layer + 2], v[6 * layer + 3], v[6 * layer + 4],
+                        v[6 * layer + 5]};
+      const at::Tensor& bn_in = saved[4 * layer];
+      const at::Tensor& gamma = saved[12 + 4 * layer];
+      const at::Tensor& beta = saved[12 + 4 * layer + 1];
+      auto [da, dw, db] = conv_backward(g, saved[4 * layer + 3], s, saved[12 + 4 * layer + 2], true, true);
+      param_grads[4 * layer + 2] = dw;
+      param_grads[4 * layer + 3] = db;
+      const bool input_grad = layer > 0 || ctx->needs_input_grad(0);
+      auto [dx, dgamma, dbeta] = bn_relu_backward(da, bn_in, gamma, beta, saved[4 * layer + 1], saved[4 * layer + 2]);
+      param_grads[4 * layer] = dgamma;
+      param_grads[4 * layer + 1] = dbeta;
+      g = input_grad ? dx : at::Tensor();
+    }
+    torch::autograd::variable_list out;
+    out.push_back(g);
+    out.insert(out.end(), param_grads.begin(), param_grads.end());
+    out.resize(out.size() + 9);  // the buffers
+    out.resize(out.size() + 2);  // momentum, eps
+    return out;
+  }
+};
+
+at::Tensor branch_train(const at::Tensor& x, at::TensorList params, at::TensorList buffers, double momentum,
+                        double eps) {
+  return Branch::apply(x, params, buffers, momentum, eps);
+}
 #endif  // POSEFAST_AVX512BF16
 
 at::Tensor bn_relu_train_no_grad(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -1014,6 +1119,7 @@ TORCH_LIBRARY(posefast, m) {
   m.def("add_up2(Tensor upper, Tensor lower) -> Tensor");
 #ifdef POSEFAST_AVX512BF16
   m.def("conv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("branch(Tensor x, Tensor[] params, Tensor(a!)[] buffers, float momentum, float eps) -> Tensor");
 #endif
 }
 
@@ -1024,6 +1130,7 @@ TORCH_LIBRARY_IMPL(posefast, Autograd, m) {
   m.impl("add_up2", &add_up2_train);
 #ifdef POSEFAST_AVX512BF16
   m.impl("conv", &conv_train);
+  m.impl("branch", &branch_train);
 #endif
 }
 
@@ -1037,5 +1144,6 @@ TORCH_LIBRARY_IMPL(posefast, CPU, m) {
   m.impl("add_up2", &add_up2_forward);
 #ifdef POSEFAST_AVX512BF16
   m.impl("conv", &conv_forward);
+  m.impl("branch", &branch_forward);
 #endif
 }
