@@ -502,7 +502,8 @@ def test_branch_runs_only_where_it_applies():
 @needs_conv
 def test_conv_weight_gradient_comes_in_the_weights_layout():
     """A channels-last weight (the trainer's) gets a channels-last gradient with the values of a
-    contiguous weight's: autograd keeps it without a strided copy."""
+    contiguous weight's: autograd keeps it without a strided copy. Its packing (vectorised along
+    the contiguous inputs) rounds as the contiguous weight's scalar one."""
     torch.manual_seed(0)
     x = channels_last(torch.randn(2, 32, 5, 6).bfloat16())
     grad = channels_last(torch.randn(2, 48, 5, 6).bfloat16())
