@@ -76,6 +76,22 @@ def test_heatmap_accuracy_flat_prediction_is_taken_at_origin():
     assert (avg, cnt) == (0.5, 2)
 
 
+def test_heatmap_accuracy_of_float32_maps_is_float64s():
+    """The trainer passes float32 maps uncopied: the same argmaxes, ties and signs as float64."""
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        out = rng.standard_normal((3, 16, 8, 6)).astype(np.float32)
+        tgt = np.clip(rng.standard_normal((3, 16, 8, 6)), 0, None).astype(np.float32)
+        out[0, 1] = -1.0                      # flat and negative: taken at the origin
+        out[1, 2, 2:4, 3] = 7.0               # a tie: the first maximum, as float64's
+        tgt[2, 5] = 0.0                       # unlabelled
+        ours = M.heatmap_accuracy(out, tgt)
+        wide = M.heatmap_accuracy(out.astype(np.float64), tgt.astype(np.float64))
+        assert np.array_equal(ours[0], wide[0]) and ours[1:] == wide[1:]
+    ints = M.heatmap_accuracy((out > 0).astype(np.uint8), (tgt > 0).astype(np.int64))
+    assert ints[2] > 0
+
+
 # ---------------------------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------------------------

@@ -62,8 +62,10 @@ def heatmap_accuracy(output, target, thr=0.5):
     with no counted sample; avg = mean of acc over the joints with acc >= 0 (0 if none); cnt =
     number of those joints.
     """
-    output = np.asarray(output, dtype=np.float64)
-    target = np.asarray(target, dtype=np.float64)
+    # float32 maps stay float32: their argmax and the sign of their maximum are the float64
+    # copies' (a copy of each map cost more than the rest of the computation)
+    output, target = (np.asarray(a) for a in (output, target))
+    output, target = (a if a.dtype in (np.float32, np.float64) else a.astype(np.float64) for a in (output, target))
     if output.ndim != 4 or output.shape != target.shape:
         raise ValueError(f'heatmap_accuracy: output {output.shape} and target {target.shape} '
                          'must both be (N, K, H, W)')
