@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -775,12 +776,18 @@ void weight_grad(const uint16_t* dy, const uint16_t* x, const ConvShape& s, at::
   const int64_t Co = s.Co, Ci = s.Ci, M = s.pixels(), taps = s.taps();
   const int nt = at::get_num_threads();
   const int64_t per = taps * Co * Ci + Co;
-  std::vector<float> sums(static_cast<size_t>(nt) * per, 0.f);
+  // each thread clears its own sums (in parallel, not a serial fill before the region); a
+  // thread that gets no block leaves its sums out, which adds the same bits as adding its zeros
+  std::unique_ptr<float[]> sums(new float[static_cast<size_t>(nt) * per]);
+  std::vector<char> used(nt, 0);
   const std::vector<uint16_t> zeros(std::max(Co, Ci), 0);
   const int64_t blocks = (M + 2 * kPixelPairs - 1) / (2 * kPixelPairs);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    float* mine = sums.data() + static_cast<size_t>(at::get_thread_num()) * per;
+    const int me = at::get_thread_num();
+    float* mine = sums.get() + static_cast<size_t>(me) * per;
     float* mdb = mine + taps * Co * Ci;
+    std::fill(mine, mine + per, 0.f);
+    used[me] = 1;
     std::vector<uint32_t> gp(kPixelPairs * Co), xp(kPixelPairs * Ci);
     std::vector<int64_t> base(2 * kPixelPairs);  // each pixel's padded index (-1: past the end)
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -829,30 +836,34 @@ void weight_grad(const uint16_t* dy, const uint16_t* x, const ConvShape& s, at::
       }
     }
   });
-  // [taps][Co][Ci] -> the weight gradient's (Co, Ci, k, k), in the weight's layout
+  // [taps][Co][Ci] -> the weight gradient's (Co, Ci, k, k), in the weight's layout, the threads'
+  // sums added in thread order, rows of outputs in parallel
+  std::vector<const float*> part;
+  for (int th = 0; th < nt; ++th)
+    if (used[th]) part.push_back(sums.get() + static_cast<size_t>(th) * per);
   float* dw = dwt.mutable_data_ptr<float>();
   const WeightIndex at_(dwt);
-  if (at_.si == 1) {  // the inputs contiguous (channels-last, or 1x1): 16 at a time, the same sums
-    for (int64_t t = 0; t < taps; ++t)
-      for (int64_t o = 0; o < Co; ++o)
+  at::parallel_for(0, taps * Co, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r / Co, o = r % Co, off = r * Ci;
+      if (at_.si == 1) {  // the inputs contiguous (channels-last, or 1x1): 16 at a time, the same sums
         for (int64_t i = 0; i < Ci; i += kW) {
           __m512 v = _mm512_setzero_ps();
-          for (int th = 0; th < nt; ++th)
-            v = _mm512_add_ps(v, _mm512_loadu_ps(sums.data() + static_cast<size_t>(th) * per + (t * Co + o) * Ci + i));
+          for (const float* q : part) v = _mm512_add_ps(v, _mm512_loadu_ps(q + off + i));
           _mm512_storeu_ps(dw + at_(o, i, t), v);
         }
-  } else {
-    for (int64_t t = 0; t < taps; ++t)
-      for (int64_t o = 0; o < Co; ++o)
+      } else {
         for (int64_t i = 0; i < Ci; ++i) {
           float v = 0.f;
-          for (int th = 0; th < nt; ++th) v += sums[static_cast<size_t>(th) * per + (t * Co + o) * Ci + i];
+          for (const float* q : part) v += q[off + i];
           dw[at_(o, i, t)] = v;
         }
-  }
+      }
+    }
+  });
   for (int64_t o = 0; o < Co; ++o) {
     float v = 0.f;
-    for (int th = 0; th < nt; ++th) v += sums[static_cast<size_t>(th) * per + taps * Co * Ci + o];
+    for (const float* q : part) v += q[taps * Co * Ci + o];
     db[o] = v;
   }
 }
@@ -915,21 +926,26 @@ at::Tensor pack_forward(const at::Tensor& weight, int64_t Co, int64_t Ci, int64_
   const WeightIndex at_(weight);
   uint32_t* pp = reinterpret_cast<uint32_t*>(packed.mutable_data_ptr());
   if (at_.si == 1) {  // the inputs contiguous (channels-last, or 1x1): 16 values are 8 pairs
-    alignas(32) uint32_t pairs[kW / 2];
-    for (int64_t o = 0; o < Co; ++o)
-      for (int64_t t = 0; t < taps; ++t) {
-        const float* row = wp + at_(o, 0, t);
-        for (int64_t p0 = 0; p0 < Ci / 2; p0 += kW / 2) {
-          _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), bf16_of(row + 2 * p0));
-          for (int j = 0; j < kW / 2; ++j) pp[(t * (Ci / 2) + p0 + j) * Co + o] = pairs[j];
+    at::parallel_for(0, Co, 8, [&](int64_t o0, int64_t o1) {
+      alignas(32) uint32_t pairs[kW / 2];
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t t = 0; t < taps; ++t) {
+          const float* row = wp + at_(o, 0, t);
+          for (int64_t p0 = 0; p0 < Ci / 2; p0 += kW / 2) {
+            _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), bf16_of(row + 2 * p0));
+            for (int j = 0; j < kW / 2; ++j) pp[(t * (Ci / 2) + p0 + j) * Co + o] = pairs[j];
+          }
         }
-      }
+    });
     return packed;
   }
-  for (int64_t t = 0; t < taps; ++t)
-    for (int64_t p = 0; p < Ci / 2; ++p)
+  at::parallel_for(0, taps * (Ci / 2), 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r / (Ci / 2), p = r % (Ci / 2);
       for (int64_t o = 0; o < Co; ++o)
-        pp[(t * (Ci / 2) + p) * Co + o] = pair_of(bf16_bits(wp[at_(o, 2 * p, t)]), bf16_bits(wp[at_(o, 2 * p + 1, t)]));
+        pp[r * Co + o] = pair_of(bf16_bits(wp[at_(o, 2 * p, t)]), bf16_bits(wp[at_(o, 2 * p + 1, t)]));
+    }
+  });
   return packed;
 }
 
@@ -941,25 +957,24 @@ at::Tensor pack_backward(const at::Tensor& weight, int64_t Co, int64_t Ci, int64
   const float* wp = weight.const_data_ptr<float>();
   const WeightIndex at_(weight);
   uint32_t* pp = reinterpret_cast<uint32_t*>(packed.mutable_data_ptr());
-  if (at_.si == 1) {  // 16 inputs of two outputs at a time
-    for (int64_t t = 0; t < taps; ++t)
-      for (int64_t p = 0; p < Co / 2; ++p) {
-        const float* r0 = wp + at_(2 * p, 0, taps - 1 - t);
-        const float* r1 = wp + at_(2 * p + 1, 0, taps - 1 - t);
-        uint32_t* out = pp + (t * (Co / 2) + p) * Ci;
+  at::parallel_for(0, taps * (Co / 2), 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r / (Co / 2), p = r % (Co / 2);
+      uint32_t* out = pp + r * Ci;
+      if (at_.si == 1) {  // 16 inputs of two outputs at a time
+        const float* w0 = wp + at_(2 * p, 0, taps - 1 - t);
+        const float* w1 = wp + at_(2 * p + 1, 0, taps - 1 - t);
         for (int64_t i = 0; i < Ci; i += kW) {
-          const __m512i lo = _mm512_cvtepu16_epi32(bf16_of(r0 + i));
-          const __m512i hi = _mm512_cvtepu16_epi32(bf16_of(r1 + i));
+          const __m512i lo = _mm512_cvtepu16_epi32(bf16_of(w0 + i));
+          const __m512i hi = _mm512_cvtepu16_epi32(bf16_of(w1 + i));
           _mm512_storeu_si512(out + i, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
         }
+      } else {
+        for (int64_t i = 0; i < Ci; ++i)
+          out[i] = pair_of(bf16_bits(wp[at_(2 * p, i, taps - 1 - t)]), bf16_bits(wp[at_(2 * p + 1, i, taps - 1 - t)]));
       }
-    return packed;
-  }
-  for (int64_t t = 0; t < taps; ++t)
-    for (int64_t p = 0; p < Co / 2; ++p)
-      for (int64_t i = 0; i < Ci; ++i)
-        pp[(t * (Co / 2) + p) * Ci + i] = pair_of(bf16_bits(wp[at_(2 * p, i, taps - 1 - t)]),
-                                                  bf16_bits(wp[at_(2 * p + 1, i, taps - 1 - t)]));
+    }
+  });
   return packed;
 }
 
