@@ -50,7 +50,7 @@ import models  # noqa: E402
 from models import fused  # noqa: E402
 import opts as options  # noqa: E402
 from datasets.codecs import build_codec  # noqa: E402
-from utils.cpu import keep_freed_memory  # noqa: E402
+from utils.cpu import cache_cpu_memory, keep_freed_memory  # noqa: E402
 from utils.trainer import build_optimizer, total_loss  # noqa: E402
 
 CASES = {
@@ -233,6 +233,8 @@ def run_case(name, args):
     keep = opts.keepFreedMemory and keep_freed_memory()      # as the trainer does; this process only
     fused.set_enabled(opts.fusedBNReLU)
     with_fused = opts.fusedBNReLU and opts.channelsLast and fused.load()
+    # the trainer's caching allocator where it runs the kernels (bfloat16 autocast); undone below
+    cached = keep and with_fused and amp_dtype in fused.DTYPES and cache_cpu_memory()
     torch.manual_seed(0)
     ours = models.build_model(opts)
     codec = build_codec(opts, ours)
@@ -266,13 +268,15 @@ def run_case(name, args):
             rates['plain'].append(baseline.round(args.steps))
     finally:
         baseline.close()
+        if cached:
+            cache_cpu_memory(0)
     med = {k: statistics.median(v) for k, v in rates.items()}
     dname = str(dtype).replace('torch.', '')
     print(f'{name}: {opts.model} {opts.nStack} stacks x {opts.nChannels}, {opts.nReductions} reductions, '
           f'stem {opts.stemChannels}, input {h}x{w}, '
           f'batch {b}, {opts.optimizer_type}, {dname}{" autocast" if amp_dtype else ""}, {n_ours:,} parameters, '
           f'{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps')
-    print(f'  ours: C++ kernels {"on" if with_fused else "off"}, keep freed memory {"on" if keep else "off"}; '
+    print(f'  ours: C++ kernels {"on" if with_fused else "off"}, keep freed memory {("on, caching allocator" if cached else "on") if keep else "off"}; '
           f'the straightforward one in its own process with PyTorch\'s defaults')
     print(f'  matmul 2048^3 {dname:9s}        {med["matmul"] / 1e9:8.1f} GFLOP/s')
     print(f'  forward+backward FLOPs per image {flops / 1e9:8.3f} GFLOP (the baseline: {baseline.flops / 1e9:.3f})')

@@ -35,7 +35,9 @@ import threading
 import torch
 import torch.nn as nn
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc', 'bn_relu.cpp')
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
+# the kernels, and the caching CPU allocator that utils.cpu.cache_cpu_memory installs
+_SOURCES = [os.path.join(_CSRC, 'bn_relu.cpp'), os.path.join(_CSRC, 'cpu_cache.cpp')]
 # input dtypes that run fused: bfloat16 (autocast), where the quick-start step runs 1.1x the modules'
 DTYPES = (torch.bfloat16,)
 _CFLAGS = ['-O3', '-march=native', '-ffp-contract=off', '-fopenmp']
@@ -81,7 +83,7 @@ def load():
                 if not os.path.exists(built):
                     print('models.fused: building the C++ kernels of CPU training (once per machine, '
                           'about 30 s)', file=sys.stderr, flush=True)
-                cpp_extension.load(name=name, sources=[_SOURCE], is_python_module=False,
+                cpp_extension.load(name=name, sources=_SOURCES, is_python_module=False,
                                    extra_cflags=_CFLAGS, verbose=False)
                 _state['loaded'] = hasattr(torch.ops.posefast, 'bn_relu_train')
             except Exception as e:  # no compiler, no ninja, a read-only cache: run unfused

@@ -371,7 +371,7 @@ def test_a_failed_build_falls_back_with_one_message(monkeypatch, tmp_path, capsy
     bad = tmp_path / 'broken.cpp'
     bad.write_text('this is not C++\n')
     monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path / 'ext'))
-    monkeypatch.setattr(fused, '_SOURCE', str(bad))
+    monkeypatch.setattr(fused, '_SOURCES', [str(bad)])
     monkeypatch.setattr(fused, '_build_name', lambda: 'posefast_broken_test')
     monkeypatch.setattr(fused, '_state', {'enabled': True, 'loaded': None, 'error': None})
     assert fused.load() is False and fused.load() is False

@@ -23,7 +23,7 @@ from datasets.pipeline import transform_points
 from utils import checkpoint, distributed
 from utils.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from utils.io import write_json, write_text
-from utils.cpu import keep_freed_memory
+from utils.cpu import cache_cpu_memory, keep_freed_memory
 from utils.optim import FlatAdam
 from utils.predictor import Predictor, pick_device, to_device
 
@@ -202,7 +202,9 @@ class Trainer:
             if opts.keepFreedMemory:
                 keep_freed_memory()
             if opts.fusedBNReLU and opts.channelsLast and opts.amp:
-                fused.load()    # built here, before the first step, when this machine has no build yet
+                # built here, before the first step, when this machine has no build yet
+                if fused.load() and opts.keepFreedMemory:
+                    cache_cpu_memory()      # freed blocks reused by size class (utils/cpu.py)
         # channels-last runs the convolutions 1.3-1.5x faster on the CPU (oneDNN) and on tensor cores;
         # the predictor holds the bare model: each rank evaluates its shard, and a DDP forward would
         # wait for the other ranks at every batch
