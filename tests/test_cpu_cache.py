@@ -60,8 +60,11 @@ def test_the_limit_caps_what_is_kept_and_zero_uninstalls():
 
 
 def _child_allocates(queue):
-    x = torch.randn(300, 300)
-    queue.put(float((x @ x).sum().isfinite()))
+    torch.set_num_threads(1)                # as DataLoader workers: OpenMP does not survive fork
+    x = torch.ones(200_000)
+    y = x * 2                               # blocks of the caching allocator, taken and given back
+    del x
+    queue.put(float((y + 1).sum()))
 
 
 def test_a_forked_process_allocates(cache):
@@ -70,7 +73,7 @@ def test_a_forked_process_allocates(cache):
     queue = ctx.Queue()
     proc = ctx.Process(target=_child_allocates, args=(queue,))
     proc.start()
-    assert queue.get(timeout=60) == 1.0
+    assert queue.get(timeout=60) == 600_000.0
     proc.join(60)
     assert proc.exitcode == 0
     del keep

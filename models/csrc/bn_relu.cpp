@@ -673,7 +673,7 @@ template <int V>
 void product_cols(const uint16_t* a, const ConvShape& s, int64_t cin, const int64_t* tap, const uint32_t* b,
                   int64_t ldb, const float* bias, uint16_t* out, int64_t ldo) {
   constexpr int R = V == 1 ? 16 : (V <= 3 ? 8 : 4);  // at most 24 accumulators
-  const int64_t P = cin / 2, taps = s.taps();
+  const int64_t P = s.k * cin / 2, taps = s.k;  // per row of the window (product)
   if (s.k == 1) {
     const int64_t M = s.pixels(), chunk = 4 * R;
     at::parallel_for(0, (M + chunk - 1) / chunk, 4, [&](int64_t c0, int64_t c1) {
@@ -696,8 +696,11 @@ void product_cols(const uint16_t* a, const ConvShape& s, int64_t cin, const int6
 // The columns in chunks of up to 6 vectors (96 channels).
 void product(const uint16_t* a, const ConvShape& s, int64_t cin, int64_t cols, const uint32_t* b,
              const float* bias, uint16_t* out) {
-  std::vector<int64_t> tap(s.taps());
-  for (int64_t t = 0; t < s.taps(); ++t) tap[t] = s.tap(t);
+  // one tap per row of the window: its k pixels are k * cin contiguous values of the padded
+  // input, and the packed weight's taps of a row follow each other the same way, so a row's taps
+  // are one run of k * cin / 2 pairs (the same products in the same order as tap by tap)
+  std::vector<int64_t> tap(s.k);
+  for (int64_t dy = 0; dy < s.k; ++dy) tap[dy] = s.tap(dy * s.k);
   for (int64_t c0 = 0; c0 < cols; c0 += 6 * kW) {
     const float* bc = bias ? bias + c0 : nullptr;
     switch (std::min<int64_t>(6, (cols - c0) / kW)) {
