@@ -169,16 +169,21 @@ def crop_box(scale, input_size):
     return w, h
 
 
-def normalize(image):
+def normalize(image, gain=None):
     """uint8 or float RGB (H, W, 3) -> float32 tensor (3, H, W) with ImageNet mean/std.
 
     Bit for bit what torchvision's ToTensor then Normalize give (x / 255, then (x - mean) / std,
-    all in float32), so a crop makes exactly the reference code's input tensor."""
+    all in float32), so a crop makes exactly the reference code's input tensor. ``gain``: float32
+    per-channel colour gains applied first, ``clip(x * gain, 0, 255)`` in float32 (the same values
+    as on the whole (H, W, 3) image, without its float copies)."""
     image = np.asarray(image)
     x = np.empty(image.shape[-1:] + image.shape[:-1], np.float32)
     for c in range(x.shape[0]):     # one channel plane at a time, in place: 3x faster than
         plane = x[c]                 # broadcasting over (H, W, 3) and transposing afterwards
         plane[...] = image[..., c]
+        if gain is not None:
+            plane *= gain[c]
+            np.clip(plane, 0, 255, out=plane)
         plane /= np.float32(255.0)
         plane -= MEAN[c]
         plane /= STD[c]
@@ -277,14 +282,12 @@ class Pipeline:
             warp = np.concatenate([m[:, :2] * reduced, m[:, :2] @ np.full((2, 1), (reduced - 1) / 2.0) + m[:, 2:]], 1)
         crop = cv2.warpAffine(image, warp, self.input_size, flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-        if plan['gain'] is not None:
-            crop = np.clip(crop.astype(np.float32) * plan['gain'], 0, 255)
         keypoints = np.asarray(record['keypoints'])
         keypoints = transform_points(keypoints.reshape(-1, 2), m).reshape(keypoints.shape).astype(np.float32)
         visible = np.asarray(record['visible'], np.float32).copy()
         if plan['flip']:
             keypoints, visible = keypoints[:, self.flip_perm], visible[:, self.flip_perm]
-        return dict(image=normalize(crop), keypoints=keypoints, visible=visible, affine=m.astype(np.float32),
+        return dict(image=normalize(crop, plan['gain']), keypoints=keypoints, visible=visible, affine=m.astype(np.float32),
                     box=plan['box'])
 
     def _half_body(self, record, rng, center, scale):

@@ -219,3 +219,18 @@ def test_reduced_decode_only_in_training_and_never_for_readers_that_draw_their_i
             return np.full((40, 50, 3), 7, np.uint8)
     image, reduced = Drawn.load_image_reduced(Drawn.__new__(Drawn), {}, 4)
     assert reduced == 1 and image.shape == (40, 50, 3)
+
+
+def test_colour_gain_inside_normalize_is_the_gained_image_normalised():
+    """The training colour gain, applied per channel plane inside ``normalize``: bit for bit
+    ``normalize(clip(image * gain, 0, 255))`` in float32, saturating at 255."""
+    import torch
+    from datasets.pipeline import normalize
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (23, 31, 3), dtype=np.uint8)
+    image[0, 0] = 255
+    gain = np.array([1.2, 0.8, 1.05], np.float32)
+    ours = normalize(image, gain)
+    assert torch.equal(ours, normalize(np.clip(image.astype(np.float32) * gain, 0, 255)))
+    assert torch.equal(ours[0, 0, 0], normalize(np.full((1, 1, 3), 255, np.uint8))[0, 0, 0])  # clipped at 255
+    assert not torch.equal(ours, normalize(image))
