@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(not fused.load(), reason=f'C++ kernels not built
 @pytest.fixture
 def cache():
     assert cache_cpu_memory(1 << 30) is True
+    empty_cpu_cache()                       # what earlier tests' training left in the lists
     yield
     cache_cpu_memory(0)
 
