@@ -52,37 +52,41 @@ def _physical_memory():
         return 8 << 30
 
 
+def _ops():
+    """``torch.ops.posefast`` where the C++ kernels, and the allocator built with them, load."""
+    from models import fused
+    if not fused.load():
+        return None
+    import torch
+    return torch.ops.posefast if hasattr(torch.ops.posefast, 'cache_cpu_memory') else None
+
+
 def cache_cpu_memory(limit=None):
-    """Install the caching CPU allocator for this process; True when it is installed.
+    """Install the caching CPU allocator for this process; True when done.
 
     ``limit``: at most this many bytes of freed blocks are kept (default: a quarter of the
     physical memory); beyond it freed blocks go back to malloc. ``limit=0`` uninstalls it (the
     default allocator again, the cached blocks freed). False, and nothing changes, where the C++
     kernels cannot be built.
     """
-    from models import fused
-    if not fused.load() or not hasattr(torch_ops(), 'cache_cpu_memory'):
+    ops = _ops()
+    if ops is None:
         return False
-    if limit is None:
-        limit = _physical_memory() // 4
-    return bool(torch_ops().cache_cpu_memory(int(limit))) or limit == 0
+    return bool(ops.cache_cpu_memory(int(_physical_memory() // 4 if limit is None else limit)))
 
 
 def cpu_cache_stats():
-    """The caching allocator's counters: cached bytes and blocks, live blocks, hits, misses, limit."""
-    from models import fused
-    if not fused.load() or not hasattr(torch_ops(), 'cpu_cache_stats'):
+    """The caching allocator's counters (cached bytes and blocks, live blocks, hits, misses,
+    limit), or None where it cannot be built."""
+    ops = _ops()
+    if ops is None:
         return None
     keys = ('cached_bytes', 'cached_blocks', 'live_blocks', 'hits', 'misses', 'limit')
-    return dict(zip(keys, torch_ops().cpu_cache_stats()))
+    return dict(zip(keys, ops.cpu_cache_stats()))
 
 
 def empty_cpu_cache():
     """Free the blocks the caching allocator keeps (the live tensors stay)."""
-    if cpu_cache_stats() is not None:
-        torch_ops().cpu_cache_empty()
-
-
-def torch_ops():
-    import torch
-    return torch.ops.posefast
+    ops = _ops()
+    if ops is not None:
+        ops.cpu_cache_empty()

@@ -153,12 +153,13 @@ void CachingCPUAllocator::release(void* p) {
 }
 
 // Installs (limit > 0: at most limit bytes of freed blocks kept) or uninstalls (limit 0: the
-// default allocator again, the cached blocks freed) the caching allocator for the process.
+// default allocator again, the cached blocks freed) the caching allocator for the process; true
+// when that is the state now.
 bool cache_cpu_memory(int64_t limit) {
   CachingCPUAllocator* a = instance();
   a->set_limit(limit);
   c10::SetCPUAllocator(limit > 0 ? static_cast<c10::Allocator*>(a) : c10::GetDefaultCPUAllocator(), 0);
-  return c10::GetCPUAllocator() == a;
+  return (c10::GetCPUAllocator() == a) == (limit > 0);
 }
 
 // [cached bytes, cached blocks, live blocks, hits, misses, limit]
