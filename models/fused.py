@@ -168,10 +168,14 @@ def _conv_ok(conv):
     """The module side of ``can_conv``: a 1x1 or 3x3 convolution, stride 1, 'same' zero padding,
     no groups, a float32 CPU weight, multiples of 16 channels in and out (3x3: at least 32 in;
     with 16, oneDNN's kernels are faster)."""
+    return _conv_shape_ok(conv) and conv.weight.dtype == torch.float32 and conv.weight.device.type == 'cpu'
+
+
+def _conv_shape_ok(conv):
+    """``_conv_ok`` but for the weight's dtype and device (what ``.to()`` changes)."""
     k = conv.kernel_size[0]
     return (conv.kernel_size in ((1, 1), (3, 3)) and conv.stride == (1, 1) and conv.padding == (k // 2, k // 2)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == 'zeros'
-            and conv.weight.dtype == torch.float32 and conv.weight.device.type == 'cpu'
             and conv.in_channels % 16 == 0 and conv.out_channels % 16 == 0 and (k == 1 or conv.in_channels >= 32))
 
 
@@ -205,38 +209,89 @@ def bn_relu(bn, x):
                                             float(bn.momentum), float(bn.eps))
 
 
-def can_branch(layers, x):
-    """Whether ``branch`` computes ``layers(x)`` here: the pre-activation bottleneck's
-    ``Sequential`` of three (``BNReLU``, ``Conv``) pairs (models.layers.Residual), 1x1, 3x3, 1x1,
-    each pair one that ``can_fuse`` and ``can_conv`` take, with biases and one momentum and eps;
-    training under bfloat16 autocast on a channels-last CPU input."""
-    if not (_state['enabled'] and len(layers) == 6 and x.dtype == torch.bfloat16):
-        return False
+def _branch_key(layers):
+    """The modules a branch's structure depends on: the Sequential's six, then each pair's two."""
+    mods = tuple(layers._modules.values())
+    if len(mods) != 6:
+        return mods
+    return mods + tuple(m for pair in mods[0::2] if isinstance(pair, nn.Module) for m in pair._modules.values())
+
+
+def _find_branch(mods):
+    """The three (BatchNorm2d, Conv) pairs of ``mods`` when they form the pre-activation
+    bottleneck the kernels take, as far as its structure goes (types, kernel sizes, widths,
+    biases' presence aside); None otherwise."""
     from models.layers import BNReLU, Conv
-    channels = x.shape[1] if x.dim() == 4 else -1
-    bn0 = None
+    if len(mods) < 6:
+        return None
+    pairs, channels = [], None
     for i, k in ((0, 1), (2, 3), (4, 1)):
-        pair, conv = layers[i], layers[i + 1]
-        if type(pair) is not BNReLU or type(pair[1]) is not nn.ReLU or type(conv) is not Conv:
-            return False
+        pair, conv = mods[i], mods[i + 1]
+        if type(pair) is not BNReLU or len(pair) != 2 or type(pair[1]) is not nn.ReLU or type(conv) is not Conv:
+            return None
         bn = pair[0]
-        if bn0 is None:
-            bn0 = bn
-        if not (_bn_ok(bn) and _conv_ok(conv) and conv.kernel_size == (k, k) and conv.bias is not None
-                and bn.num_features == channels == conv.in_channels
-                and bn.momentum == bn0.momentum and bn.eps == bn0.eps):
-            return False
+        if not (type(bn) is nn.BatchNorm2d and bn.affine and bn.track_running_stats
+                and bn.num_features % 16 == 0 and bn.num_features <= 1024 and conv.kernel_size == (k, k)
+                and _conv_shape_ok(conv) and bn.num_features == conv.in_channels
+                and (channels is None or channels == bn.num_features)):
+            return None
         channels = conv.out_channels
-    return can_fuse(bn0, x) and can_conv(layers[1], x)
+        pairs.append((bn, conv))
+    return pairs
 
 
-def branch(layers, x):
-    """``layers(x)`` for a ``can_branch`` branch: one C++ autograd node running the six layers'
-    kernels in their order (the same values, gradients and running statistics bit for bit)."""
+def branch_args(layers, x):
+    """The C++ branch's arguments ``(params, buffers, momentum, eps)`` when ``branch`` computes
+    ``layers(x)`` here, else None: the pre-activation bottleneck's ``Sequential`` of three
+    (``BNReLU``, ``Conv``) pairs (models.layers.Residual), 1x1, 3x3, 1x1, each pair one that
+    ``can_fuse`` and ``can_conv`` take, with biases and one momentum and eps; training under
+    bfloat16 autocast on a channels-last CPU input.
+
+    The structure is checked once per ``Sequential`` and kept on it (checked again when one of
+    its modules is replaced); what can change between calls (training mode, momenta, the
+    parameters' presence, dtype and device, the input) is checked on every call: six layers'
+    checks cost 45 us a call in Python, a quick-start step 17 calls.
+    """
+    if not (_state['enabled'] and x.dtype == torch.bfloat16 and x.dim() == 4):
+        return None
+    key = _branch_key(layers)
+    cached = layers.__dict__.get('_posefast_branch')
+    if cached is None or cached[0] != key:
+        cached = (key, _find_branch(key))
+        layers.__dict__['_posefast_branch'] = cached
+    pairs = cached[1]
+    if pairs is None:
+        return None
+    bn0 = pairs[0][0]
+    momentum, eps = bn0.momentum, bn0.eps
+    if momentum is None or x.shape[1] != bn0.num_features:
+        return None
     params, buffers = [], []
-    for i in (0, 2, 4):
-        bn, conv = layers[i][0], layers[i + 1]
-        params += [bn.weight, bn.bias, conv.weight, conv.bias]
-        buffers += [bn.running_mean, bn.running_var, bn.num_batches_tracked]
-    bn = layers[0][0]
-    return torch.ops.posefast.branch(x, params, buffers, float(bn.momentum), float(bn.eps))
+    for bn, conv in pairs:
+        if not (bn.training and bn.momentum == momentum and bn.eps == eps):
+            return None
+        bp, cp, bb = bn._parameters, conv._parameters, bn._buffers
+        group = [bp['weight'], bp['bias'], cp['weight'], cp['bias']]
+        for t in group:
+            if t is None or t.dtype != torch.float32 or not t.is_cpu:
+                return None
+        params += group
+        buffers += [bb['running_mean'], bb['running_var'], bb['num_batches_tracked']]
+    if not (x.is_cpu and x.shape[0] * x.shape[2] * x.shape[3] > 1
+            and torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
+            and x.is_contiguous(memory_format=torch.channels_last) and load() and _has_conv()):
+        return None
+    return params, buffers, float(momentum), float(eps)
+
+
+def can_branch(layers, x):
+    """Whether ``branch`` computes ``layers(x)`` here (``branch_args``)."""
+    return branch_args(layers, x) is not None
+
+
+def branch(layers, x, args=None):
+    """``layers(x)`` for a ``can_branch`` branch: one C++ autograd node running the six layers'
+    kernels in their order (the same values, gradients and running statistics bit for bit).
+    ``args``: ``branch_args(layers, x)`` where the caller has it."""
+    params, buffers, momentum, eps = branch_args(layers, x) if args is None else args
+    return torch.ops.posefast.branch(x, params, buffers, momentum, eps)

@@ -101,7 +101,8 @@ class Residual(nn.Module):
 
     def forward(self, x):
         # the branch as one C++ node where its six layers would all run the kernels (models.fused.branch)
-        h = fused.branch(self.branch, x) if fused.can_branch(self.branch, x) else self.branch(x)
+        args = fused.branch_args(self.branch, x)
+        h = self.branch(x) if args is None else fused.branch(self.branch, x, args)
         return fused.add(h, self.skip(x))
 
 

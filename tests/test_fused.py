@@ -429,16 +429,16 @@ def test_add_up2_is_upsampling_then_the_sum():
 def residual_step(block, x, grad, fused_branch=True):
     """Output, input gradient, parameter gradients and buffers after one bfloat16 step of a
     Residual (the branch as one node, or as its six layers)."""
-    real = fused.can_branch
+    real = fused.branch_args
     if not fused_branch:
-        fused.can_branch = lambda layers, t: False
+        fused.branch_args = lambda layers, t: None
     try:
         x = x.clone().requires_grad_()
         with bf16_autocast():
             y = block(x)
         y.backward(grad)
     finally:
-        fused.can_branch = real
+        fused.branch_args = real
     return [y.detach(), x.grad] + [p.grad for p in block.parameters()] + list(block.buffers())
 
 
@@ -458,7 +458,7 @@ def test_residual_branch_is_its_layers_bit_for_bit(monkeypatch, cin, cout):
     grad = channels_last(torch.randn(3, cout, 8, 6).bfloat16())
     calls = {'branch': 0, 'bn_relu': 0}
     real_branch, real_bn = fused.branch, fused.bn_relu
-    monkeypatch.setattr(fused, 'branch', lambda l, t: calls.update(branch=calls['branch'] + 1) or real_branch(l, t))
+    monkeypatch.setattr(fused, 'branch', lambda l, t, a=None: calls.update(branch=calls['branch'] + 1) or real_branch(l, t, a))
     monkeypatch.setattr(fused, 'bn_relu', lambda b, t: calls.update(bn_relu=calls['bn_relu'] + 1) or real_bn(b, t))
     ours = residual_step(block, x, grad)
     assert calls == {'branch': 1, 'bn_relu': 0}
@@ -489,6 +489,18 @@ def test_branch_runs_only_where_it_applies():
         other = copy.deepcopy(block)
         other.branch[3].bias = None                                                # no bias
         assert not fused.can_branch(other.branch, x)
+        # the structure is checked once and kept on the Sequential; a replaced module is seen
+        other = copy.deepcopy(block)
+        assert fused.can_branch(other.branch, x)
+        other.branch[3] = nn.Conv2d(32, 32, 3, padding=1)                          # not the kernels' Conv
+        assert not fused.can_branch(other.branch, x)
+        other = copy.deepcopy(block)
+        assert fused.can_branch(other.branch, x)
+        other.branch[2][0] = nn.SyncBatchNorm(32)                                  # inside a pair
+        assert not fused.can_branch(other.branch, x)
+        other = copy.deepcopy(block).double()                                      # float64 parameters,
+        assert not fused.can_branch(other.branch, x)
+        assert fused.can_branch(other.float().branch, x)                           # then float32 again
         fused.set_enabled(False)
         try:
             assert not fused.can_branch(block.branch, x)                           # --fusedBNReLU false
