@@ -95,6 +95,11 @@ def load():
     return _state['loaded']
 
 
+def loaded():
+    """Whether the kernels are loaded in this process (without building or loading them)."""
+    return _state['loaded'] is True
+
+
 def error():
     """Why the kernels could not be built (None when they were, or were not tried)."""
     return _state['error']

@@ -390,6 +390,29 @@ def test_keep_freed_memory_applies_once():
 
 
 @needs_kernels
+def test_flat_copy_copies_every_pair_and_names_a_bad_one():
+    """The optimiser's gradient gather (utils/optim.py): a memcpy where the strides agree over
+    dense memory, Tensor.copy_ where they do not (channels-last into contiguous, a strided view),
+    the same values either way; lists of other lengths or shapes are refused."""
+    g = torch.Generator().manual_seed(0)
+    src = [torch.randn(8, 16, 3, 3, generator=g).contiguous(memory_format=torch.channels_last),
+           torch.randn(32, generator=g), torch.randn(8, 16, 3, 3, generator=g).contiguous(memory_format=torch.channels_last),
+           torch.randn(6, 10, generator=g)[:, ::2], torch.randn(0)]
+    flat = torch.zeros(1400)
+    dst = [flat.as_strided((8, 16, 3, 3), (144, 1, 48, 16), 200),     # channels-last views of one buffer
+           flat[100:132], torch.zeros(8, 16, 3, 3), torch.zeros(6, 5), torch.zeros(0)]
+    torch.ops.posefast.flat_copy(src, dst)
+    for a, b in zip(src, dst):
+        assert torch.equal(a, b)
+    assert torch.equal(flat[100:132], src[1]) and flat[:100].abs().sum() == 0 and flat[132:200].abs().sum() == 0
+    assert flat[1352:].abs().sum() == 0
+    with pytest.raises(RuntimeError, match='two lists of one length'):
+        torch.ops.posefast.flat_copy(src, dst[:2])
+    with pytest.raises(RuntimeError, match='tensor 1 has shape'):
+        torch.ops.posefast.flat_copy(src[:2], [dst[0], torch.zeros(31)])
+
+
+@needs_kernels
 def test_add_up2_is_upsampling_then_the_sum():
     """The hourglass's merge in one pass: the same sums bit for bit as upsampling and adding; the
     lower branch's gradient each 2x2 window's sum (rounded once, within a bfloat16 step of

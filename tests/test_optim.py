@@ -2,9 +2,11 @@
 import copy
 import io
 
+import pytest
 import torch
 import torch.nn as nn
 
+from models import fused
 from models.hourglass import StackedHourglass
 from utils.optim import FlatAdam
 
@@ -29,7 +31,15 @@ def set_grads(seed, *groups):
             p.grad = q.clone().contiguous(memory_format=torch.channels_last) if q.dim() == 4 else q.clone()
 
 
-def test_the_same_numbers_as_torch_adam_and_checkpoints_move_both_ways():
+@pytest.mark.parametrize('kernels', [False, True], ids=['foreach-copy', 'cpp-copy'])
+def test_the_same_numbers_as_torch_adam_and_checkpoints_move_both_ways(monkeypatch, kernels):
+    """The gradients gathered by torch._foreach_copy_ or, where the C++ kernels are loaded, by
+    their flat_copy: the same bits either way."""
+    if kernels and not fused.load():
+        pytest.skip(f'the C++ kernels could not be built here: {fused.error()}')
+    calls = []
+    real = fused.loaded
+    monkeypatch.setattr(fused, 'loaded', lambda: calls.append(1) is None and kernels and real())
     ref = clones(tensors())
     ours = clones(ref)
     a = torch.optim.Adam(ref, lr=4e-3, weight_decay=1e-4, fused=True)
@@ -39,6 +49,7 @@ def test_the_same_numbers_as_torch_adam_and_checkpoints_move_both_ways():
         a.step()
         b.step()
         assert all(torch.equal(p, q) for p, q in zip(ref, ours))
+    assert len(calls) == 3
     # one buffer for the sizes that are multiples of 16 (the stem's 8 channels and the 17 values step alone)
     inside = {id(p) for p in b._buffers[0].params}
     assert inside == {id(p) for p in ours if p.numel() % 16 == 0} and 0 < len(inside) < len(ours) - 10

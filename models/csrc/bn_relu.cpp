@@ -1163,6 +1163,28 @@ at::Tensor bn_relu_train_no_grad(const at::Tensor& x, const at::Tensor& weight, 
   return std::get<0>(bn_relu_forward(x, weight, bias, running_mean, running_var, momentum, eps));
 }
 
+// dst[i] = src[i] for lists of tensors of equal shapes (the optimiser's gradients into its flat
+// buffer, utils/optim.py): one call and one parallel region for all of them, a memcpy for each
+// pair with the same strides over a dense block of memory, Tensor::copy_ for any other pair.
+void flat_copy(at::TensorList src, at::TensorList dst) {
+  TORCH_CHECK(src.size() == dst.size(), "posefast: flat_copy takes two lists of one length, not ", src.size(),
+              " and ", dst.size());
+  std::vector<char> raw(src.size(), 0);
+  for (size_t i = 0; i < src.size(); ++i) {
+    const at::Tensor &a = src[i], &b = dst[i];
+    TORCH_CHECK(a.sizes() == b.sizes(), "posefast: flat_copy: tensor ", i, " has shape ", a.sizes(),
+                ", its destination ", b.sizes());
+    raw[i] = a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == b.scalar_type() &&
+             a.strides() == b.strides() && a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense();
+  }
+  at::parallel_for(0, static_cast<int64_t>(src.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      if (raw[i]) std::memcpy(dst[i].data_ptr(), src[i].data_ptr(), src[i].numel() * src[i].element_size());
+  });
+  for (size_t i = 0; i < src.size(); ++i)
+    if (!raw[i]) at::Tensor(dst[i]).copy_(src[i]);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(posefast, m) {
@@ -1176,6 +1198,7 @@ TORCH_LIBRARY(posefast, m) {
   m.def("max_pool2(Tensor x) -> Tensor");
   m.def("max_pool2_backward(Tensor grad_out, Tensor x) -> Tensor");
   m.def("add_up2(Tensor upper, Tensor lower) -> Tensor");
+  m.def("flat_copy(Tensor[] src, Tensor(a!)[] dst) -> ()");
 #ifdef POSEFAST_AVX512BF16
   m.def("conv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("branch(Tensor x, Tensor[] params, Tensor(a!)[] buffers, float momentum, float eps) -> Tensor");
@@ -1201,6 +1224,7 @@ TORCH_LIBRARY_IMPL(posefast, CPU, m) {
   m.impl("max_pool2", &max_pool2_forward);
   m.impl("max_pool2_backward", &max_pool2_backward);
   m.impl("add_up2", &add_up2_forward);
+  m.impl("flat_copy", &flat_copy);
 #ifdef POSEFAST_AVX512BF16
   m.impl("conv", &conv_forward);
   m.impl("branch", &branch_forward);
