@@ -169,6 +169,35 @@ def add_up2(upper, lower):
     return torch.ops.posefast.add_up2(upper, lower)
 
 
+def can_heatmap_mse(outputs, target, weight):
+    """Whether ``heatmap_mse`` computes the heatmap codecs' loss of each of ``outputs`` here:
+    float32 CPU (B, K, H, W) outputs of one shape and layout (channels-last or contiguous), a
+    float32 target of that shape and (B, K) weights, neither of which needs a gradient."""
+    if not (_state['enabled'] and outputs and torch.is_tensor(target) and torch.is_tensor(weight)):
+        return False
+    o = outputs[0]
+    if not (o.dtype == torch.float32 and o.dim() == 4 and o.is_cpu and target.dtype == torch.float32
+            and target.is_cpu and target.shape == o.shape and not target.requires_grad
+            and weight.dtype == torch.float32 and weight.is_cpu and tuple(weight.shape) == tuple(o.shape[:2])
+            and not weight.requires_grad
+            and (o.is_contiguous(memory_format=torch.channels_last) or o.is_contiguous())):
+        return False
+    return all(torch.is_tensor(x) and x.shape == o.shape and x.stride() == o.stride() and x.dtype == o.dtype
+               and x.is_cpu for x in outputs) and load()
+
+
+def heatmap_mse(outputs, target, weight):
+    """``[((o - target) ** 2 * weight[:, :, None, None]).mean() for o in outputs]`` for a
+    ``can_heatmap_mse`` case, one C++ pass each way per output: the gradients autograd's of that
+    expression bit for bit, the losses the same sums in another order (in double: within a few
+    float roundings). The target is brought into the outputs' layout once."""
+    o = outputs[0]
+    if target.stride() != o.stride():
+        target = torch.empty_like(o).copy_(target)      # empty_like keeps a dense tensor's strides
+    weight = weight.contiguous()
+    return [torch.ops.posefast.heatmap_mse(x, target, weight) for x in outputs]
+
+
 def _conv_ok(conv):
     """The module side of ``can_conv``: a 1x1 or 3x3 convolution, stride 1, 'same' zero padding,
     no groups, a float32 CPU weight, multiples of 16 channels in and out (3x3: at least 32 in;

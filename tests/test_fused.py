@@ -390,6 +390,56 @@ def test_keep_freed_memory_applies_once():
 
 
 @needs_kernels
+@pytest.mark.parametrize('shape,layout', [((4, 16, 8, 8), 'channels_last'), ((3, 17, 6, 5), 'channels_last'),
+                                          ((3, 17, 6, 5), 'contiguous'), ((2, 1, 5, 7), 'contiguous')])
+def test_heatmap_mse_has_autograds_gradients_bit_for_bit(shape, layout):
+    """The heatmap codecs' loss in one C++ pass each way: each output's gradient equals
+    autograd's through the expression exactly (an incoming gradient other than 1, weights with
+    zeros, 17 joints, both layouts, a target in the other layout), the loss within float rounding."""
+    from datasets.codecs import HeatmapCodec
+    g = torch.Generator().manual_seed(len(shape) + shape[1])
+    fmt = getattr(torch, {'channels_last': 'channels_last', 'contiguous': 'contiguous_format'}[layout])
+    outs = [torch.randn(shape, generator=g).contiguous(memory_format=fmt).requires_grad_() for _ in range(2)]
+    ref = [o.detach().clone().requires_grad_() for o in outs]
+    batch = {'heatmap': torch.rand(shape, generator=g),
+             'heatmap_weight': (torch.rand(shape[:2], generator=g) > 0.3).float() * 1.5}
+    codec = HeatmapCodec(4 * shape[3], shape[3])
+    assert fused.can_heatmap_mse(outs, batch['heatmap'], batch['heatmap_weight'])
+    ours = codec.loss(outs, batch)['heatmap']
+    fused.set_enabled(False)
+    try:
+        theirs = codec.loss(ref, batch)['heatmap']
+    finally:
+        fused.set_enabled(True)
+    (ours * 0.37).backward()
+    (theirs * 0.37).backward()
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6) and ours.dtype == torch.float32 and ours.dim() == 0
+    for a, b in zip(outs, ref):
+        assert torch.equal(a.grad, b.grad) and a.grad.stride() == b.grad.stride()
+
+
+@needs_kernels
+def test_heatmap_mse_runs_only_where_it_applies():
+    o = [torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)]
+    t, w = torch.rand(2, 16, 4, 4), torch.ones(2, 16)
+    assert fused.can_heatmap_mse(o, t, w)
+    assert not fused.can_heatmap_mse([o[0].double()], t.double(), w)                   # float64
+    assert not fused.can_heatmap_mse(o + [o[0].contiguous()], t, w)                    # two layouts
+    assert not fused.can_heatmap_mse(o, t.requires_grad_(), w)                         # a learnt target
+    assert not fused.can_heatmap_mse(o, t.detach(), torch.ones(2, 15))                 # weights of another shape
+    assert not fused.can_heatmap_mse([o[0][:, :, ::2]], t[:, :, ::2], w)               # strided
+    fused.set_enabled(False)
+    try:
+        assert not fused.can_heatmap_mse(o, t.detach(), w)                             # --fusedBNReLU false
+    finally:
+        fused.set_enabled(True)
+    with pytest.raises(RuntimeError, match="the target must have the output's shape and strides"):
+        torch.ops.posefast.heatmap_mse(o[0], t.detach(), w)                            # NCHW target
+    with pytest.raises(RuntimeError, match=r'the weights must be a contiguous \(2, 16\) tensor'):
+        torch.ops.posefast.heatmap_mse(o[0], o[0].clone(), torch.ones(2, 16, 1))
+
+
+@needs_kernels
 def test_flat_copy_copies_every_pair_and_names_a_bad_one():
     """The optimiser's gradient gather (utils/optim.py): a memcpy where the strides agree over
     dense memory, Tensor.copy_ where they do not (channels-last into contiguous, a strided view),

@@ -1163,6 +1163,148 @@ at::Tensor bn_relu_train_no_grad(const at::Tensor& x, const at::Tensor& weight, 
   return std::get<0>(bn_relu_forward(x, weight, bias, running_mean, running_var, momentum, eps));
 }
 
+// ----------------------------------------------------------------------------- the heatmap loss
+
+// mean((o - t)^2 * w[b, k]) over a float (B, K, H, W) output o and target t of the same strides
+// (channels-last or contiguous) with per-joint weights w (B, K): the heatmap codecs' loss
+// (datasets/codecs.py), one pass forward and one backward where PyTorch's expression takes a
+// dozen elementwise passes. The gradient is autograd's of that expression bit for bit: with
+// s = g / N (g the incoming gradient, N the element count), do = (s * w) * (2 * (o - t)), the
+// same float operations in the same order. The loss itself is the same sum in another order
+// (in double, per joint, then across threads): within a few float roundings of PyTorch's.
+struct HeatmapLayout {
+  int64_t B, K, HW, N;
+  bool channels_last;
+};
+
+HeatmapLayout check_heatmaps(const at::Tensor& o, const at::Tensor& t, const at::Tensor& w) {
+  TORCH_CHECK(o.dim() == 4 && o.scalar_type() == at::kFloat && t.scalar_type() == at::kFloat &&
+                  w.scalar_type() == at::kFloat,
+              "posefast: heatmap_mse takes float32 (B, K, H, W) outputs and targets and (B, K) weights");
+  TORCH_CHECK(t.sizes() == o.sizes() && t.strides() == o.strides(),
+              "posefast: heatmap_mse: the target must have the output's shape and strides, got ", t.sizes(), " and ",
+              o.sizes());
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == o.size(0) && w.size(1) == o.size(1) && w.is_contiguous(),
+              "posefast: heatmap_mse: the weights must be a contiguous (", o.size(0), ", ", o.size(1), ") tensor, got ",
+              w.sizes());
+  const bool cl = o.is_contiguous(at::MemoryFormat::ChannelsLast) && o.size(1) > 1;
+  TORCH_CHECK(cl || o.is_contiguous(), "posefast: heatmap_mse takes channels-last or contiguous tensors");
+  return {o.size(0), o.size(1), o.size(2) * o.size(3), o.numel(), cl};
+}
+
+// fn(r0, r1) over ranges of runs, in parallel: channels-last, run r is pixel r's K joints (the
+// weights w[r / (H*W), 0..K)); contiguous, run r is the H*W pixels of sample and joint r (w[r])
+template <typename Fn>
+void for_heatmap_runs(const HeatmapLayout& L, Fn fn) {
+  if (L.channels_last) {
+    at::parallel_for(0, L.B * L.HW, 256, [&](int64_t r0, int64_t r1) { fn(r0, r1); });
+  } else {
+    at::parallel_for(0, L.B * L.K, 4, [&](int64_t r0, int64_t r1) { fn(r0, r1); });
+  }
+}
+
+at::Tensor heatmap_mse_forward(const at::Tensor& o, const at::Tensor& t, const at::Tensor& w) {
+  const HeatmapLayout L = check_heatmaps(o, t, w);
+  const float* op = o.const_data_ptr<float>();
+  const float* tp = t.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  const int nt = at::get_num_threads();
+  std::vector<double> partial(static_cast<size_t>(nt), 0.0);
+  for_heatmap_runs(L, [&](int64_t r0, int64_t r1) {
+    double total = 0.0;
+    if (L.channels_last) {  // rows of K joints, one double sum per joint
+      std::vector<double> acc(L.K, 0.0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* wb = wp + (r / L.HW) * L.K;
+        const float* a = op + r * L.K;
+        const float* b = tp + r * L.K;
+        for (int64_t k = 0; k < L.K; ++k) {
+          const float d = a[k] - b[k];
+          acc[k] += static_cast<double>((d * d) * wb[k]);
+        }
+      }
+      for (double v : acc) total += v;
+    } else {  // planes of H*W pixels, one weight each, sums in 16 lanes
+      for (int64_t r = r0; r < r1; ++r) {
+        const float wk = wp[r];
+        const float* a = op + r * L.HW;
+        const float* b = tp + r * L.HW;
+        double acc[16] = {};
+        int64_t i = 0;
+        for (; i + 16 <= L.HW; i += 16)
+          for (int j = 0; j < 16; ++j) {
+            const float d = a[i + j] - b[i + j];
+            acc[j] += static_cast<double>((d * d) * wk);
+          }
+        for (; i < L.HW; ++i) {
+          const float d = a[i] - b[i];
+          acc[0] += static_cast<double>((d * d) * wk);
+        }
+        for (double v : acc) total += v;
+      }
+    }
+    partial[at::get_thread_num()] += total;
+  });
+  double sum = 0.0;
+  for (double v : partial) sum += v;
+  return at::scalar_tensor(static_cast<float>(L.N ? sum / static_cast<double>(L.N) : NAN), o.options());
+}
+
+at::Tensor heatmap_mse_backward(const at::Tensor& grad, const at::Tensor& o, const at::Tensor& t,
+                                const at::Tensor& w) {
+  const HeatmapLayout L = check_heatmaps(o, t, w);
+  // autograd's mean backward: the incoming gradient over N, a float division
+  const float s = grad.item<float>() / static_cast<float>(L.N);
+  at::Tensor dout = at::empty_like(o);
+  const float* op = o.const_data_ptr<float>();
+  const float* tp = t.const_data_ptr<float>();
+  const float* wp = w.const_data_ptr<float>();
+  float* dp = dout.mutable_data_ptr<float>();
+  for_heatmap_runs(L, [&](int64_t r0, int64_t r1) {
+    if (L.channels_last) {
+      std::vector<float> sw(L.K);
+      int64_t sample = -1;
+      for (int64_t r = r0; r < r1; ++r) {
+        if (r / L.HW != sample) {
+          sample = r / L.HW;
+          for (int64_t k = 0; k < L.K; ++k) sw[k] = s * wp[sample * L.K + k];
+        }
+        const float* a = op + r * L.K;
+        const float* b = tp + r * L.K;
+        float* d = dp + r * L.K;
+        for (int64_t k = 0; k < L.K; ++k) d[k] = sw[k] * (2.f * (a[k] - b[k]));
+      }
+    } else {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float sw = s * wp[r];
+        const float* a = op + r * L.HW;
+        const float* b = tp + r * L.HW;
+        float* d = dp + r * L.HW;
+        for (int64_t i = 0; i < L.HW; ++i) d[i] = sw * (2.f * (a[i] - b[i]));
+      }
+    }
+  });
+  return dout;
+}
+
+class HeatmapMSE : public torch::autograd::Function<HeatmapMSE> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& o, const at::Tensor& t,
+                            const at::Tensor& w) {
+    ctx->save_for_backward({o, t, w});
+    return heatmap_mse_forward(o, t, w);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    return {heatmap_mse_backward(grads[0], saved[0], saved[1], saved[2]), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor heatmap_mse_train(const at::Tensor& o, const at::Tensor& t, const at::Tensor& w) {
+  return HeatmapMSE::apply(o, t, w);
+}
+
 // dst[i] = src[i] for lists of tensors of equal shapes (the optimiser's gradients into its flat
 // buffer, utils/optim.py): one call and one parallel region for all of them, a memcpy for each
 // pair with the same strides over a dense block of memory, Tensor::copy_ for any other pair.
@@ -1199,6 +1341,7 @@ TORCH_LIBRARY(posefast, m) {
   m.def("max_pool2_backward(Tensor grad_out, Tensor x) -> Tensor");
   m.def("add_up2(Tensor upper, Tensor lower) -> Tensor");
   m.def("flat_copy(Tensor[] src, Tensor(a!)[] dst) -> ()");
+  m.def("heatmap_mse(Tensor output, Tensor target, Tensor weight) -> Tensor");
 #ifdef POSEFAST_AVX512BF16
   m.def("conv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("branch(Tensor x, Tensor[] params, Tensor(a!)[] buffers, float momentum, float eps) -> Tensor");
@@ -1210,6 +1353,7 @@ TORCH_LIBRARY_IMPL(posefast, Autograd, m) {
   m.impl("add", &add_train);
   m.impl("max_pool2", &max_pool2_train);
   m.impl("add_up2", &add_up2_train);
+  m.impl("heatmap_mse", &heatmap_mse_train);
 #ifdef POSEFAST_AVX512BF16
   m.impl("conv", &conv_train);
   m.impl("branch", &branch_train);
@@ -1225,6 +1369,7 @@ TORCH_LIBRARY_IMPL(posefast, CPU, m) {
   m.impl("max_pool2_backward", &max_pool2_backward);
   m.impl("add_up2", &add_up2_forward);
   m.impl("flat_copy", &flat_copy);
+  m.impl("heatmap_mse", &heatmap_mse_forward);
 #ifdef POSEFAST_AVX512BF16
   m.impl("conv", &conv_forward);
   m.impl("branch", &branch_forward);
