@@ -806,16 +806,20 @@ void weight_grad(const uint16_t* dy, const uint16_t* x, const ConvShape& s, at::
         }
       }
       if (blk + 1 < b1) prefetch_block(x, dy, s, m0 + 2 * kPixelPairs);
-      for (int64_t p = 0; p < P; ++p) {  // the block's pixel pairs of dy; db from the same loads
-        const uint16_t* ga = dy + (m0 + 2 * p) * Co;
-        const uint16_t* gb = base[2 * p + 1] < 0 ? zeros.data() : ga + Co;
-        for (int64_t c = 0; c < Co; c += kW) {
+      // the block's pixel pairs of dy, 16 outputs at a time; db from the same loads, the thread's
+      // running sum kept in a register over the block (the same additions in the same order)
+      for (int64_t c = 0; c < Co; c += kW) {
+        __m512 sum = _mm512_loadu_ps(mdb + c);
+        for (int64_t p = 0; p < P; ++p) {
+          const uint16_t* ga = dy + (m0 + 2 * p) * Co;
+          const uint16_t* gb = base[2 * p + 1] < 0 ? zeros.data() : ga + Co;
           const __m512i v = interleave(ga + c, gb + c);
           _mm512_storeu_si512(gp.data() + p * Co + c, v);
           const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
           const __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-          _mm512_storeu_ps(mdb + c, _mm512_add_ps(_mm512_loadu_ps(mdb + c), _mm512_add_ps(lo, hi)));
+          sum = _mm512_add_ps(sum, _mm512_add_ps(lo, hi));
         }
+        _mm512_storeu_ps(mdb + c, sum);
       }
       for (int64_t t = 0; t < taps; ++t) {
         const int64_t shift = s.k == 1 ? 0 : s.tap(t);
