@@ -12,6 +12,8 @@ import opts as options
 from datasets.codecs import HeatmapCodec
 from models import fused
 from utils import checkpoint
+from utils import cpu as cpu_module
+from utils.cpu import native_bfloat16
 from utils import trainer as trainer_module
 from utils.errors import PoseError
 
@@ -43,10 +45,40 @@ def test_training_run_leaves_its_artefacts(tmp_path):
     assert {k: v for k, v in vars(again).items() if k not in skip} == {k: v for k, v in vars(first).items() if k not in skip}
 
 
+def test_amp_on_a_cpu_without_hardware_bfloat16_trains_in_float32(tmp_path, monkeypatch, capfd):
+    """--amp on such a CPU: one note, the step in float32 (the same weights as without --amp), the
+    checkpoint keeping --amp as given; the predictor too runs float32 there."""
+    monkeypatch.setitem(cpu_module._done, 'native_bfloat16', False)
+    dtypes = []
+    forward = trainer_module.Trainer.train_epoch
+
+    def spy(self):
+        dtypes.append(self.amp)
+        return forward(self)
+    monkeypatch.setattr(trainer_module.Trainer, 'train_epoch', spy)
+    run(tmp_path, 'amp', '--nEpochs', '1', '--amp', '--optimizer_type', 'Adam')
+    err = capfd.readouterr().err
+    assert err.count('note: --amp: this CPU has no hardware bfloat16') == 1, err[-2000:]
+    assert dtypes == [False]
+    run(tmp_path, 'fp32', '--nEpochs', '1', '--optimizer_type', 'Adam')
+    a = torch.load(tmp_path / 'amp' / 'model_last.pth', weights_only=False)
+    b = torch.load(tmp_path / 'fp32' / 'model_last.pth', weights_only=False)
+    for k, v in a['state_dict'].items():
+        assert torch.equal(v, b['state_dict'][k]), k
+    assert (a['config']['amp'], b['config']['amp']) == ('true', 'false')
+    from utils.predictor import Predictor
+    p = Predictor(torch.nn.Conv2d(3, 4, 1), HeatmapCodec(8, 8, 1), amp=True)
+    assert p.amp_requested and not p.amp
+    monkeypatch.setitem(cpu_module._done, 'native_bfloat16', True)
+    assert Predictor(torch.nn.Conv2d(3, 4, 1), HeatmapCodec(8, 8, 1), amp=True).amp
+
+
 @pytest.mark.parametrize('extra', [
     [], ['--LRPolicy', 'cosine', '--warmupEpochs', '0.5', '--amp', '--optimizer_type', 'Adam'],
     pytest.param(['--amp', '--optimizer_type', 'Adam', '--nChannels', '16', '--stemChannels', '32'],
-                 marks=pytest.mark.skipif(not fused.load(), reason=f'fused kernels not built here: {fused.error()}'))],
+                 marks=pytest.mark.skipif(not (fused.load() and native_bfloat16()), reason=(
+                     f'fused kernels not built here ({fused.error()}) or no hardware bfloat16 (--amp trains in '
+                     'float32 on such a CPU)')))],
     ids=['step-rmsprop', 'cosine-warmup-bf16-fused-adam', 'bf16-fused-bn-relu'])
 def test_resume_equals_uninterrupted_training(tmp_path, monkeypatch, extra):
     calls = []

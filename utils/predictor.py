@@ -9,6 +9,7 @@ import torch
 
 from datasets.codecs import build_codec
 from utils import checkpoint
+from utils.cpu import native_bfloat16
 from utils.errors import CheckpointError, ConfigError, DatasetError
 
 
@@ -44,7 +45,8 @@ class Predictor:
     (``predictor(image, boxes)``, ``infer``: the Python API and ``-demo``); see ``infer``.
 
     device: a torch.device or a string ('cpu', 'cuda', 'cuda:1'); amp: bfloat16 autocast on the
-    CPU, float16 on CUDA; flip_test: average with the mirrored image's output; channels_last:
+    CPU, float16 on CUDA (on a CPU without hardware bfloat16, ``utils.cpu.native_bfloat16``, it
+    runs float32: ``amp_requested`` keeps what was asked); flip_test: average with the mirrored image's output; channels_last:
     the memory layout of the convolutions (faster on CPUs and tensor cores; the reference code's
     NCHW layout gives the last float bits of the reference's heatmaps).
     """
@@ -60,7 +62,8 @@ class Predictor:
         if flip_perm is None and joint_set is not None:
             flip_perm = joint_set.flip_permutation()
         self.flip_perm = None if flip_perm is None else torch.as_tensor(np.asarray(flip_perm), device=self.device)
-        self.amp = bool(amp)
+        self.amp_requested = bool(amp)
+        self.amp = self.amp_requested and (self.device.type != 'cpu' or native_bfloat16())
         self.amp_dtype = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
         self.flip_test = bool(flip_test)
         self.opts = None              # the options it was built with (from_checkpoint)

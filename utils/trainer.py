@@ -23,7 +23,7 @@ from datasets.pipeline import transform_points
 from utils import checkpoint, distributed
 from utils.errors import CheckpointError, ConfigError, DatasetError, TrainingError
 from utils.io import write_json, write_text
-from utils.cpu import cache_cpu_memory, keep_freed_memory
+from utils.cpu import cache_cpu_memory, keep_freed_memory, native_bfloat16
 from utils.optim import FlatAdam
 from utils.predictor import Predictor, pick_device, to_device
 
@@ -198,10 +198,16 @@ class Trainer:
         if self.device.type == 'cuda':
             torch.cuda.set_device(self.device)
         fused.set_enabled(opts.fusedBNReLU)
+        # --amp on a CPU without hardware bfloat16 would emulate it, several times slower than
+        # float32: the run trains in float32 (the checkpoint keeps --amp as given)
+        amp = bool(opts.amp) and (self.device.type != 'cpu' or native_bfloat16())
+        if opts.amp and not amp and self.main:
+            print('note: --amp: this CPU has no hardware bfloat16 (AVX-512 or AMX), where bfloat16 autocast runs '
+                  'several times slower than float32: training in float32', file=sys.stderr, flush=True)
         if self.device.type == 'cpu':
             if opts.keepFreedMemory:
                 keep_freed_memory()
-            if opts.fusedBNReLU and opts.channelsLast and opts.amp:
+            if opts.fusedBNReLU and opts.channelsLast and amp:
                 # built here, before the first step, when this machine has no build yet
                 if fused.load() and opts.keepFreedMemory:
                     cache_cpu_memory()      # freed blocks reused by size class (utils/cpu.py)
@@ -225,7 +231,7 @@ class Trainer:
         self.optimizer = build_optimizer(opts, self.model.parameters(),
                                          flat=self.device.type == 'cpu' and not self.distributed)
         # --amp: float16 with loss scaling on CUDA; bfloat16 (no scaling needed) on the CPU
-        self.amp = bool(opts.amp)
+        self.amp = self.predictor.amp
         self.amp_dtype = self.predictor.amp_dtype
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp and self.device.type == 'cuda')
         self.epoch = 0          # epochs completed
