@@ -97,11 +97,13 @@ struct BF16 {
     std::memcpy(&v, &u, sizeof v);
     return v;
   }
-  static inline void store(uint16_t* p, vf v) {  // round to nearest even, as c10::BFloat16
+  // round to nearest even, as c10::BFloat16; a NaN stays a NaN of its sign, quietened (as the
+  // AVX-512 conversion above, and as PyTorch's max-pooling, which selects bits, keeps it)
+  static inline void store(uint16_t* p, vf v) {
     vu u;
     std::memcpy(&u, &v, sizeof u);
     const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const vu bits = (u & 0x7fffffffu) > 0x7f800000u ? vu{} + 0x7fc0u : rounded;
+    const vu bits = (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
     const vh h = __builtin_convertvector(bits, vh);
     std::memcpy(p, &h, sizeof h);
   }
