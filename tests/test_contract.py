@@ -419,20 +419,30 @@ def test_a_corrupt_image_in_a_loader_worker_is_one_line(tmp_path):
 # ----------------------------------------------------------------------------- the quick start
 
 # the recorded values are bfloat16's, on CPUs that compute it in hardware (AVX-512 BF16: the C++
-# convolutions too); elsewhere the quick start trains in float32 (utils.cpu.native_bfloat16)
+# convolutions too); elsewhere the quick start trains in float32 (utils.cpu.native_bfloat16).
+# Where the CPU has AMX (Intel Sapphire Rapids and later) oneDNN's bfloat16 convolutions and
+# matrix products run on its tiles, which accumulate in another order: a second set of values.
 _NO_BF16 = pytest.mark.skipif(not native_bfloat16(), reason=(
     'this CPU has no hardware bfloat16: the quick start trains in float32 here, the values are bfloat16 runs'))
+_AMX = bool(getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)())
 
 
-@pytest.mark.parametrize('fused, losses, accs, headline', [
-    pytest.param('true', [0.21436681350072226, 0.059884815166393913], [0.018501984126984127, 0.025198412698412703],
-                 1.8099547511312217, marks=[_NO_BF16, pytest.mark.skipif(
-                     not (fused_kernels.load() and fused_kernels._has_conv()), reason=(
-                         'recorded with the C++ convolutions, which need AVX-512 BF16 and the kernels built '
-                         f'({fused_kernels.error() or "no AVX-512 BF16 here"})'))]),
-    pytest.param('false', [0.21472841997941336, 0.05925881862640381], [0.024826388888888887, 0.03142361111111111],
-                 0.0, marks=_NO_BF16)])
-def test_quick_start_config_first_steps_give_the_recorded_losses(threads, fused, losses, accs, headline):
+@pytest.mark.parametrize('fused, recorded', [
+    pytest.param('true', {
+        'avx512': ([0.21436681350072226, 0.059884815166393913], [0.018501984126984127, 0.025198412698412703],
+                   1.8099547511312217),
+        'amx': ([0.21412131687005362, 0.06062506387631098], [0.016927083333333332, 0.04439145923520923],
+                1.3574660633484164)},
+        marks=[_NO_BF16, pytest.mark.skipif(
+            not (fused_kernels.load() and fused_kernels._has_conv()), reason=(
+                'recorded with the C++ convolutions, which need AVX-512 BF16 and the kernels built '
+                f'({fused_kernels.error() or "no AVX-512 BF16 here"})'))]),
+    pytest.param('false', {
+        'avx512': ([0.21472841997941336, 0.05925881862640381], [0.024826388888888887, 0.03142361111111111], 0.0),
+        'amx': ([0.21356179316838583, 0.06024424731731415], [0.02120535714285714, 0.03208085317460317],
+                2.262443438914027)},
+        marks=_NO_BF16)])
+def test_quick_start_config_first_steps_give_the_recorded_losses(threads, fused, recorded):
     """The first steps of the README's quick-start config (48 people, 2 epochs of 3 steps, 16
     validation people) on this project's 2-core machine with its 2 threads (bfloat16 autocast:
     another CPU or thread count may round differently).
@@ -457,6 +467,7 @@ def test_quick_start_config_first_steps_give_the_recorded_losses(threads, fused,
             '--nTrainSamples', '48', '--nValSamples', '16', '--nEpochs', '2', '--LRSteps', '1', '--valInterval', '2',
             '--visCount', '0', '--progress', 'false', '--expDir', tmp, '--expID', 'q', '--fusedBNReLU', fused])
         history = json.load(open(os.path.join(tmp, 'q', 'metrics.json')))
+    losses, accs, headline = recorded['amx' if _AMX else 'avx512']
     assert [h['train_loss'] for h in history] == pytest.approx(losses, rel=1e-6)
     assert [h['train_acc'] for h in history] == pytest.approx(accs, rel=1e-6)
     assert result['headline'] == pytest.approx(headline, abs=1e-9)
