@@ -28,7 +28,8 @@ max-poolings and 1x1 and 3x3 convolutions through the C++ kernels (``--fusedBNRe
 models/fused.py; the same step with them off is measured too), steps Adam over one flat buffer
 (utils/optim.py, as single-process CPU training does) and keeps freed memory in its heap
 (``--keepFreedMemory``, utils/cpu.py: a setting of the process, which is why the baseline runs in
-another one). Trainer options after the bench's own switch those off (``--fusedBNReLU false
+another one). On an AVX2 CPU (no AVX-512) its float32 BatchNorm-ReLU pairs and max-poolings run
+through the kernels too (models.fused.DTYPES). Trainer options after the bench's own switch those off (``--fusedBNReLU false
 --keepFreedMemory false``). The FLOPs are counted with the C++ kernels off (PyTorch's counter
 does not see inside them; the network and its FLOPs are the same).
 """
@@ -241,7 +242,7 @@ def run_case(name, args):
     fused.set_enabled(opts.fusedBNReLU)
     with_fused = opts.fusedBNReLU and opts.channelsLast and fused.load()
     # the trainer's caching allocator where it runs the kernels (bfloat16 autocast); undone below
-    cached = keep and with_fused and amp_dtype in fused.DTYPES and cache_cpu_memory()
+    cached = keep and with_fused and (amp_dtype or torch.float32) in fused.DTYPES and cache_cpu_memory()
     torch.manual_seed(0)
     ours = models.build_model(opts)
     codec = build_codec(opts, ours)
@@ -258,9 +259,9 @@ def run_case(name, args):
     flops = unfused(lambda: flops_per_image(ours, our_images, amp_dtype, our_loss))()
     our_step = make_step(ours, build_optimizer(opts, ours.parameters(), flat=True), our_loss, our_images, amp_dtype)
     steps = {'ours': our_step}
-    # the same step with the modules unfused: what the kernels gain, in this run (bfloat16 only:
-    # float32 runs the modules anyway)
-    with_fused = with_fused and amp_dtype in fused.DTYPES
+    # the same step with the modules unfused: what the kernels gain, in this run (where they run
+    # this dtype: bfloat16, and float32 on AVX2)
+    with_fused = with_fused and (amp_dtype or torch.float32) in fused.DTYPES
     if with_fused:
         steps['unfused'] = unfused(our_step)
     baseline = Baseline(name, args.extra)

@@ -76,11 +76,19 @@ def test_bfloat16_matches_the_modules_to_bfloat16_rounding():
 
 
 @needs_kernels
-def test_float32_runs_the_modules_by_default():
-    assert fused.DTYPES == (torch.bfloat16,)
+def test_float32_runs_fused_only_on_an_avx2_cpu(monkeypatch):
+    """bfloat16 always; float32 where ATen dispatches to AVX2 (no AVX-512), where the kernels beat
+    PyTorch's float32 passes; on AVX-512 float32 runs the modules."""
+    avx2 = torch.backends.cpu.get_cpu_capability() == 'AVX2'
+    assert fused.DTYPES == ((torch.bfloat16, torch.float32) if avx2 else (torch.bfloat16,))
     bn = random_bn(16).train()
     x = channels_last(torch.randn(2, 16, 4, 4))
-    assert not fused.can_fuse(bn, x) and fused.can_fuse(bn, x.bfloat16())
+    assert fused.can_fuse(bn, x) == avx2 and fused.can_fuse(bn, x.bfloat16())
+    assert fused.can_pool(x) == avx2
+    for capability, expected in (('AVX2', (torch.bfloat16, torch.float32)), ('AVX512', (torch.bfloat16,)),
+                                 ('DEFAULT', (torch.bfloat16,))):
+        monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda c=capability: c)
+        assert fused._dtypes() == expected
 
 
 @needs_kernels
@@ -212,7 +220,7 @@ def test_max_pool2_is_pytorchs_bit_for_bit(dtype):
     x = channels_last(x.to(dtype))
     ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
     y, y_ref = MaxPool2()(ours), F.max_pool2d(ref, 2, 2)
-    assert fused.can_pool(ours) == (dtype == torch.bfloat16)
+    assert fused.can_pool(ours) == (dtype in fused.DTYPES)
     y = torch.ops.posefast.max_pool2(ours)                    # the kernel itself for float32 too
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(torch.signbit(y), torch.signbit(y_ref)) and y.is_contiguous(memory_format=torch.channels_last)

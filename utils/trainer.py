@@ -207,7 +207,8 @@ class Trainer:
         if self.device.type == 'cpu':
             if opts.keepFreedMemory:
                 keep_freed_memory()
-            if opts.fusedBNReLU and opts.channelsLast and amp:
+            # the kernels run bfloat16 (--amp), and float32 on an AVX2 CPU (models.fused.DTYPES)
+            if opts.fusedBNReLU and opts.channelsLast and (amp or torch.float32 in fused.DTYPES):
                 # built here, before the first step, when this machine has no build yet
                 if fused.load() and opts.keepFreedMemory:
                     cache_cpu_memory()      # freed blocks reused by size class (utils/cpu.py)
