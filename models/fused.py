@@ -13,7 +13,10 @@ by a ReLU, on a channels-last bfloat16 CPU tensor (the ``--amp`` autocast) with 
 (no AVX-512) float32 trains through them too, the BatchNorm-ReLU pairs and the 2x2 max-poolings,
 where their passes take 0.65-0.75x the time of PyTorch's float32 ones (isolated, warm) and the
 quick start's float32 step runs 1.04x; on AVX-512 they were no faster than the modules, so
-float32 training runs the modules there (``DTYPES``). Everywhere else (evaluation, CUDA,
+float32 training runs the modules there (``DTYPES``); there, too, the 3x3 convolutions' float32
+weight and bias gradients come from a C++ kernel (``conv3x3_f32``: oneDNN's forward and input
+gradient, ours for the weights, 1.1-1.5x oneDNN's on the hourglass's shapes, the paper-shaped
+step 1.05x with every kernel). Everywhere else (evaluation, CUDA,
 NCHW, SyncBatchNorm, ``--fusedBNReLU false``) the modules run as they are. Parameter names and
 counts do not change: checkpoints load either way.
 
@@ -344,3 +347,59 @@ def branch(layers, x, args=None):
     ``args``: ``branch_args(layers, x)`` where the caller has it."""
     params, buffers, momentum, eps = branch_args(layers, x) if args is None else args
     return torch.ops.posefast.branch(x, params, buffers, momentum, eps)
+
+
+# ----------------------------------------------------------------------------- float32 3x3 convolutions on AVX2
+
+def can_conv3x3_f32(conv, x):
+    """Whether ``conv3x3_f32`` trains ``conv(x)`` here: a 3x3 convolution (stride 1, 'same' zero
+    padding, no groups, at least 16 and a multiple of 16 input channels, a float32 CPU weight) on a
+    channels-last float32 CPU input that needs gradients, outside autocast, on an AVX2 CPU, where
+    float32 runs the kernels (``DTYPES``)."""
+    return (_state['enabled'] and x.dtype == torch.float32 and torch.float32 in DTYPES and x.device.type == 'cpu'
+            and x.dim() == 4 and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == 'zeros'
+            and conv.in_channels % 16 == 0 and x.shape[1] == conv.in_channels and x.numel() > 0
+            and conv.weight.dtype == torch.float32 and conv.weight.device.type == 'cpu'
+            and torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+            and not torch.is_autocast_enabled('cpu')
+            and x.is_contiguous(memory_format=torch.channels_last) and load() and _has_weight_grad())
+
+
+def _has_weight_grad():
+    if _state.get('weight_grad') is None:
+        _state['weight_grad'] = hasattr(torch.ops.posefast, 'conv_weight_grad')
+    return _state['weight_grad']
+
+
+class _Conv3x3F32(torch.autograd.Function):
+    """oneDNN's forward and input gradient; the weight and bias gradients from the C++ kernel
+    (AVX2: oneDNN's float32 3x3 weight gradient ran at about 0.65x its forward rate, ours
+    1.1-1.5x oneDNN's on the hourglass's shapes; the same sums in another order)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.conv2d(x, weight, bias, padding=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                     [True, False, False])[0]
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dw, db = torch.ops.posefast.conv_weight_grad(grad, x, 3)
+            if not weight.is_contiguous(memory_format=torch.channels_last):
+                dw = dw.contiguous()
+        return dx, dw, db if ctx.has_bias else None
+
+
+def conv3x3_f32(conv, x):
+    """``conv(x)`` for a ``can_conv3x3_f32`` case: the same function, its weight gradient from the
+    C++ kernel."""
+    return _Conv3x3F32.apply(x, conv.weight, conv.bias)

@@ -37,7 +37,8 @@ class Conv(nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)`` (its
     parameters and names); 1x1 and 3x3 ones train under bfloat16 autocast on channels-last CPU
     tensors through one C++ kernel each way (``models.fused.conv``: oneDNN spends most of a
-    small level's time setting each convolution up)."""
+    small level's time setting each convolution up); 3x3 ones training in float32 on an AVX2 CPU
+    take their weight gradients from a C++ kernel (``models.fused.conv3x3_f32``)."""
 
     def __init__(self, in_channels, out_channels, kernel_size=1, bias=True):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
@@ -45,6 +46,8 @@ class Conv(nn.Conv2d):
     def forward(self, x):
         if fused.can_conv(self, x):
             return fused.conv(self, x)
+        if fused.can_conv3x3_f32(self, x):
+            return fused.conv3x3_f32(self, x)
         return super().forward(x)
 
 

@@ -610,3 +610,68 @@ def test_conv_weight_gradient_comes_in_the_weights_layout():
         assert dw.stride() == weight.stride()
         results.append((y, dw))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+needs_weight_grad = pytest.mark.skipif(not (fused.load() and fused._has_weight_grad()),
+                                       reason='the float32 weight-gradient kernel needs AVX2 and FMA without AVX-512 BF16')
+
+
+@needs_weight_grad
+@pytest.mark.parametrize('shape,cout,bias', [((2, 16, 5, 7), 7, True), ((3, 32, 6, 4), 16, False),
+                                             ((2, 48, 1, 9), 13, True)])
+def test_conv3x3_float32_gradients_match_float64(shape, cout, bias):
+    """The weight and bias gradients of the C++ kernel (every tile width, rows of one pixel) and the
+    whole convolution through ``Conv``, against float64; the weight gradient in the weight's layout."""
+    g = torch.Generator().manual_seed(3)
+    x = channels_last(torch.randn(*shape, generator=g))
+    dy = channels_last(torch.randn(shape[0], cout, shape[2], shape[3], generator=g))
+    dw, db = torch.ops.posefast.conv_weight_grad(dy, x, 3)
+    w = torch.randn(cout, shape[1], 3, 3, dtype=torch.float64)
+    _, rdw, rdb = torch.ops.aten.convolution_backward(dy.double(), x.double(), w, [cout], [1, 1], [1, 1], [1, 1],
+                                                      False, [0, 0], 1, [False, True, True])
+    assert dw.shape == rdw.shape and dw.is_contiguous(memory_format=torch.channels_last)
+    assert (dw.double() - rdw).abs().max() <= 1e-6 * rdw.abs().max() and torch.allclose(db.double(), rdb, atol=1e-5)
+
+    conv = Conv(shape[1], cout, 3, bias=bias).to(memory_format=torch.channels_last).train()
+    ref = copy.deepcopy(conv).double()
+    xs = x.clone().requires_grad_()
+    assert fused.can_conv3x3_f32(conv, xs) == (torch.float32 in fused.DTYPES)
+    y = fused.conv3x3_f32(conv, xs)
+    y.backward(dy)
+    xr = x.double().requires_grad_()
+    ref(xr).backward(dy.double())
+    for ours, theirs in ((y, ref(x.double())), (xs.grad, xr.grad), (conv.weight.grad, ref.weight.grad)):
+        assert (ours.double() - theirs).abs().max() <= 2e-6 * theirs.abs().max()
+    assert conv.weight.grad.stride() == conv.weight.stride()
+    assert (conv.bias is None) == (not bias) and (not bias or torch.allclose(conv.bias.grad.double(), ref.bias.grad))
+
+
+@needs_weight_grad
+def test_conv3x3_float32_runs_only_where_it_applies(monkeypatch):
+    monkeypatch.setattr(fused, 'DTYPES', (torch.bfloat16, torch.float32))
+    conv = Conv(16, 16, 3).to(memory_format=torch.channels_last)
+    x = channels_last(torch.randn(2, 16, 6, 6)).requires_grad_()
+    assert fused.can_conv3x3_f32(conv, x)
+    calls = []
+    real = fused.conv3x3_f32
+    monkeypatch.setattr(fused, 'conv3x3_f32', lambda m, t: calls.append(t.shape) or real(m, t))
+    conv(x)
+    assert len(calls) == 1
+    with torch.no_grad():
+        assert not fused.can_conv3x3_f32(conv, x)                                  # evaluation
+    assert not fused.can_conv3x3_f32(conv, x.detach().contiguous())                # NCHW
+    assert not fused.can_conv3x3_f32(Conv(16, 16, 1), x)                           # 1x1: oneDNN's
+    assert not fused.can_conv3x3_f32(Conv(8, 16, 3), channels_last(torch.randn(2, 8, 6, 6)).requires_grad_())
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not fused.can_conv3x3_f32(conv, x)
+    fused.set_enabled(False)
+    try:
+        assert not fused.can_conv3x3_f32(conv, x)                                  # --fusedBNReLU false
+    finally:
+        fused.set_enabled(True)
+    monkeypatch.setattr(fused, 'DTYPES', (torch.bfloat16,))                        # an AVX-512 CPU
+    assert not fused.can_conv3x3_f32(conv, x)
+    with pytest.raises(RuntimeError, match='1x1 and 3x3'):
+        torch.ops.posefast.conv_weight_grad(x.detach(), x.detach(), 5)
+    with pytest.raises(RuntimeError, match='multiple of 16'):
+        torch.ops.posefast.conv_weight_grad(channels_last(torch.randn(1, 8, 3, 3)), channels_last(torch.randn(1, 8, 3, 3)), 3)
