@@ -617,6 +617,19 @@ needs_weight_grad = pytest.mark.skipif(not (fused.load() and fused._has_weight_g
 
 
 @needs_weight_grad
+@pytest.mark.parametrize('shape,cout', [((2, 32, 5, 7), 7), ((3, 16, 6, 4), 12)])
+def test_conv1x1_float32_weight_gradient_matches_float64(shape, cout):
+    """The op's 1x1 path (the input read in place; the trainer keeps oneDNN's 1x1 convolutions)."""
+    g = torch.Generator().manual_seed(4)
+    x = channels_last(torch.randn(*shape, generator=g))
+    dy = channels_last(torch.randn(shape[0], cout, shape[2], shape[3], generator=g))
+    dw, db = torch.ops.posefast.conv_weight_grad(dy, x, 1)
+    ref = torch.einsum('nohw,nihw->oi', dy.double(), x.double())[:, :, None, None]
+    assert dw.shape == ref.shape and (dw.double() - ref).abs().max() <= 1e-6 * ref.abs().max()
+    assert torch.allclose(db.double(), dy.double().sum((0, 2, 3)), atol=1e-5)
+
+
+@needs_weight_grad
 @pytest.mark.parametrize('shape,cout,bias', [((2, 16, 5, 7), 7, True), ((3, 32, 6, 4), 16, False),
                                              ((2, 48, 1, 9), 13, True)])
 def test_conv3x3_float32_gradients_match_float64(shape, cout, bias):

@@ -1234,18 +1234,18 @@ struct WgradShape {
 constexpr int64_t kWgPixels = 128;  // output pixels per block (whole output rows, at least 4)
 constexpr int kWgR = 6;              // output channels per tile
 
-// dw[r * ld + j], r < R, j < 16: += sum over the rows' pixels p of g[q][p][r] * x[q][p][j], from
-// the block's packed panels: row q's W pixels at g + q * gs (6 values each) and x + q * xs (16)
+// dw[r * ld + j], r < R, j < 16: += sum over the rows' pixels p of g[q][p][r] * x[q][p][j]: row
+// q's W pixels at g + q * gs (6 values each, packed) and x + q * xs (16 values each, px apart)
 template <int R>
-void wgrad_tile(const float* g, int64_t gs, const float* x, int64_t xs, int64_t nrows, int64_t W, float* dw,
-                int64_t ld) {
+void wgrad_tile(const float* g, int64_t gs, const float* x, int64_t xs, int64_t px, int64_t nrows, int64_t W,
+                float* dw, int64_t ld) {
   // the 2R sums as named registers (GCC kept an array of them on the stack, a store per product)
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
   __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
   for (int64_t q = 0; q < nrows; ++q) {
     const float* gp = g + q * gs;
     const float* xp = x + q * xs;
-    for (int64_t p = 0; p < W; ++p, gp += kWgR, xp += 16) {
+    for (int64_t p = 0; p < W; ++p, gp += kWgR, xp += px) {
       const __m256 x0 = _mm256_loadu_ps(xp), x1 = _mm256_loadu_ps(xp + 8);
       __m256 v = _mm256_broadcast_ss(gp);
       a0 = _mm256_fmadd_ps(v, x0, a0);
@@ -1285,7 +1285,8 @@ void wgrad_tile(const float* g, int64_t gs, const float* x, int64_t xs, int64_t 
   }
 }
 
-using WgradTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t);
+using WgradTileFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, float*,
+                             int64_t);
 constexpr WgradTileFn kWgradTiles[7] = {nullptr, wgrad_tile<1>, wgrad_tile<2>, wgrad_tile<3>,
                                         wgrad_tile<4>, wgrad_tile<5>, wgrad_tile<6>};
 
@@ -1327,9 +1328,10 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_grad(const at::Tensor& grad_out, 
   at::parallel_for(0, otiles * itiles, 1, [&](int64_t t0, int64_t t1) {
     // this thread's tiles, (o-tile, i-tile) pairs t0..t1-1: the o-tiles it touches and all i-tiles
     const int64_t ot0 = t0 / itiles, ot1 = (t1 - 1) / itiles + 1;
-    // panels of a block: dy [o-tile][row][W][6], the padded input [i-tile][row][kh][WP][16]
+    // panels of a block: dy [o-tile][row][W][6], the padded input [i-tile][row][kh][WP][16] (3x3;
+    // a 1x1 one reads the input in place: a block's pixels are consecutive rows of it)
     const int64_t gs = W * kWgR, xs = k * WP * 16;
-    std::vector<float> gpack((ot1 - ot0) * block * gs, 0.f), xpack(itiles * block * xs);
+    std::vector<float> gpack((ot1 - ot0) * block * gs, 0.f), xpack(k == 1 ? 0 : itiles * block * xs);
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       const int64_t nrows = std::min(rows, r0 + block) - r0;
       for (int64_t q = 0; q < nrows; ++q) {
@@ -1341,7 +1343,7 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_grad(const at::Tensor& grad_out, 
           for (int64_t p = 0; p < W; ++p)
             for (int64_t r = 0; r < nr; ++r) dst[p * kWgR + r] = gr[p * s.Co + o0 + r];
         }
-        for (int64_t kh = 0; kh < k; ++kh) {
+        for (int64_t kh = 0; kh < k && k > 1; ++kh) {
           const float* xr = xd + (n * s.HP() + h + kh) * WP * s.Ci;
           for (int64_t it = 0; it < itiles; ++it) {
             float* dst = xpack.data() + (it * block + q) * xs + kh * WP * 16;
@@ -1353,9 +1355,13 @@ std::tuple<at::Tensor, at::Tensor> conv_weight_grad(const at::Tensor& grad_out, 
         const int64_t kh = tap / k, kw = tap % k;
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t ot = t / itiles, it = t % itiles, o0 = ot * kWgR;
-          kWgradTiles[std::min<int64_t>(kWgR, s.Co - o0)](
-              gpack.data() + (ot - ot0) * block * gs, gs, xpack.data() + it * block * xs + (kh * WP + kw) * 16, xs,
-              nrows, W, dwp + (o0 * taps + tap) * s.Ci + 16 * it, taps * s.Ci);
+          const float* gt = gpack.data() + (ot - ot0) * block * gs;
+          float* d = dwp + (o0 * taps + tap) * s.Ci + 16 * it;
+          const WgradTileFn tile = kWgradTiles[std::min<int64_t>(kWgR, s.Co - o0)];
+          if (k == 1)  // the block's pixels as one run
+            tile(gt, 0, xd + r0 * W * s.Ci + 16 * it, 0, s.Ci, 1, nrows * W, d, s.Ci);
+          else
+            tile(gt, gs, xpack.data() + it * block * xs + (kh * WP + kw) * 16, xs, 16, nrows, W, d, taps * s.Ci);
         }
       }
     }
