@@ -13,10 +13,10 @@ by a ReLU, on a channels-last bfloat16 CPU tensor (the ``--amp`` autocast) with 
 (no AVX-512) float32 trains through them too, the BatchNorm-ReLU pairs and the 2x2 max-poolings,
 where their passes take 0.65-0.75x the time of PyTorch's float32 ones (isolated, warm) and the
 quick start's float32 step runs 1.04x; on AVX-512 they were no faster than the modules, so
-float32 training runs the modules there (``DTYPES``); there, too, the 3x3 convolutions' float32
-weight and bias gradients come from a C++ kernel (``conv3x3_f32``: oneDNN's forward and input
-gradient, ours for the weights, 1.1-1.5x oneDNN's on the hourglass's shapes, the paper-shaped
-step 1.05x with every kernel). Everywhere else (evaluation, CUDA,
+float32 training runs the modules there (``DTYPES``). On AVX2 the 3x3 convolutions' float32
+weight and bias gradients come from a C++ kernel as well (``conv3x3_f32``: oneDNN's forward and
+input gradient, ours for the weights, 1.1-1.5x oneDNN's on the hourglass's shapes, the
+paper-shaped step 1.03-1.05x with every kernel). Everywhere else (evaluation, CUDA,
 NCHW, SyncBatchNorm, ``--fusedBNReLU false``) the modules run as they are. Parameter names and
 counts do not change: checkpoints load either way.
 
